@@ -1,0 +1,41 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both create .venv on first use.
+SHELL := /bin/bash
+VENV := .venv
+PY := $(VENV)/bin/python
+HFI := $(VENV)/bin/hfi
+STAMP := $(VENV)/.installed
+# One torch thread: with anything else busy, 2 threads ran 4-7x slower on a 2-core machine.
+export OMP_NUM_THREADS ?= 1
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+
+.PHONY: venv demo test lint check world verify clean
+
+venv: $(STAMP)
+
+# torch first, on its own: it must be the CPU wheel, never a multi-GB CUDA build.
+$(STAMP): requirements.txt setup.cfg pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
+	touch $@
+
+## demo: the main job on the embedded default (for now: measure the committed toy world)
+demo: $(STAMP)
+	$(HFI) toyworld verify
+	$(HFI) toyworld check --n 64
+
+## test: the whole test suite
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check hfi_core tasks tests
+
+## world: retrain the toy world from scratch into ./toyworld-build (about 80 min on 2 cores)
+world: $(STAMP)
+	$(HFI) toyworld build --out toyworld-build
+
+clean:
+	rm -rf $(VENV) .pytest_cache toyworld-build

@@ -1,0 +1,24 @@
+"""The ``hfi`` command: ``hfi <group> <command> [options]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tasks import toyworld
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="hfi", description=__doc__)
+    groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
+    toyworld.register(groups)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
+        print(f"hfi: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
