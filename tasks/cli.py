@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
-from tasks import toyworld
+# transformers announces at import that torchvision is absent and it uses PIL: true, and noise.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from tasks import feedback, generate, toyworld
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="hfi", description=__doc__)
     groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
     toyworld.register(groups)
+    generate.register(groups)
+    feedback.register(groups)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

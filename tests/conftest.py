@@ -10,8 +10,12 @@ os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from diffusers.utils import logging as diffusers_logging  # noqa: E402
+from transformers.utils import logging as transformers_logging  # noqa: E402
 
 torch.set_num_threads(1)
+transformers_logging.disable_progress_bar()
+diffusers_logging.disable_progress_bar()
 
 
 @pytest.fixture(scope="session")

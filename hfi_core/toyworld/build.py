@@ -29,6 +29,7 @@ from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionMod
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
+from hfi_core.config import ConfigError, from_dict
 from hfi_core.toyworld.manifest import file_manifest
 from hfi_core.toyworld.models import (
     CLIP_MEAN,
@@ -97,15 +98,11 @@ class BuildConfig:
     @classmethod
     def from_dict(cls, values: dict) -> BuildConfig:
         """Validate and build from a plain dict (e.g. parsed YAML); unknown keys are errors."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(values) - set(known))
-        if unknown:
-            raise ValueError(f"BuildConfig: unknown key(s) {unknown}; known: {sorted(known)}")
-        cfg = cls(**{k: tuple(v) if k == "unet_channels" else v for k, v in values.items()})
+        cfg = from_dict(cls, values, "BuildConfig")
         for f in fields(cls):
             v = getattr(cfg, f.name)
             if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-                raise ValueError(f"BuildConfig.{f.name}: must be >= 0, got {v}")
+                raise ConfigError(f"BuildConfig.{f.name}: must be >= 0, got {v}")
         return cfg
 
 

@@ -82,10 +82,11 @@ def make_noise_scheduler() -> DDPMScheduler:
 def make_sampling_scheduler() -> PNDMScheduler:
     """The scheduler saved with the pipeline: SD v1.4's own settings (PNDM, PRK skipped).
 
-    ``clip_sample=False`` is written out so that ``DDIMScheduler.from_config`` on this config
-    does not fall back to its default ``True`` (which collapsed small-VAE images to blobs).
+    PNDM itself has no ``clip_sample``; like SD v1.4's ``scheduler_config.json`` we still write
+    ``clip_sample: false`` into the config, so that ``DDIMScheduler.from_config`` on it does not
+    fall back to DDIM's default ``True`` (which collapsed small-VAE images to pale blobs).
     """
-    return PNDMScheduler(
+    scheduler = PNDMScheduler(
         num_train_timesteps=1000,
         beta_start=0.00085,
         beta_end=0.012,
@@ -94,6 +95,8 @@ def make_sampling_scheduler() -> PNDMScheduler:
         set_alpha_to_one=False,
         steps_offset=1,
     )
+    scheduler.register_to_config(clip_sample=False)
+    return scheduler
 
 
 def make_clip(tokenizer: CLIPTokenizer, hidden: int = 64) -> CLIPModel:

@@ -1,0 +1,296 @@
+"""The run configuration: one YAML file describes one concept-removal run.
+
+Every section is a dataclass whose fields carry a one-line docstring: the configuration is the
+documentation. ``load_config(path)`` validates the whole file on load and an error names the
+key (``generation.steps: expected int, got 'ten'``), so a typo never surfaces an hour into a run.
+
+Model paths may be a diffusers/transformers folder, a hub id, or ``toyworld:sd`` /
+``toyworld:clip`` / ``toyworld:oracle`` for the committed toy world. A relative folder path is
+taken relative to the config file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown or of the wrong type; the message names it."""
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+@dataclass
+class ConceptConfig:
+    """What is being removed."""
+
+    name: str
+    """Short name, used in run names and model cards (e.g. ``nudity``, ``van-gogh``, ``striped``)."""
+    init_word: str = ""
+    """A word the HFI token starts from (e.g. ``nudity``, ``stripe``); empty: the concept's name."""
+    clip_texts: list[str] = field(default_factory=list)
+    """Texts for the CLIP zero-shot concept rate: an image shows the concept when it is nearer these..."""
+    neutral_texts: list[str] = field(default_factory=list)
+    """...than these."""
+
+
+@dataclass
+class ModelConfig:
+    """Which text-to-image model to start from."""
+
+    path: str
+    """A diffusers Stable Diffusion folder, a hub id (``CompVis/stable-diffusion-v1-4``), or ``toyworld:sd``."""
+    revision: str | None = None
+    """Hub revision (ignored for folders)."""
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """``auto``: float32 on CPU, float16 on CUDA."""
+    device: str = "auto"
+    """``auto``: CUDA when available, else CPU."""
+
+
+@dataclass
+class PromptSet:
+    """Prompts of one group, e.g. ``target:explicit``, ``target:implicit``, ``preserve``."""
+
+    group: str
+    """``target:<name>`` for prompts that carry the concept, ``preserve[:<name>]`` for the rest."""
+    prompts: list[str]
+    """The prompts themselves."""
+    images_per_prompt: int = 4
+    """Images generated per prompt, each with its own seed."""
+
+    def __post_init__(self) -> None:
+        if not (self.group.startswith("target") or self.group.startswith("preserve")):
+            raise ConfigError(f"group {self.group!r}: must start with 'target' or 'preserve'")
+        if not self.prompts:
+            raise ConfigError(f"group {self.group!r}: prompts is empty")
+        if self.images_per_prompt < 1:
+            raise ConfigError(f"group {self.group!r}: images_per_prompt must be >= 1")
+
+
+@dataclass
+class GenerationConfig:
+    """How images are sampled (the same settings for every group)."""
+
+    steps: int = 20
+    """Denoising steps."""
+    guidance: float = 5.0
+    """Classifier-free guidance scale (SD v1.4 is usually run at 7.5)."""
+    scheduler: Literal["dpmsolver", "ddim", "pndm", "euler"] = "dpmsolver"
+    """Sampler, built with ``from_config`` from the model's own scheduler config."""
+    seed: int = 0
+    """Base seed: each image's seed is derived from it, its prompt and its index (stable when prompts are added)."""
+    batch_size: int = 16
+    """Images per pipeline call."""
+    height: int | None = None
+    """Pixels; ``None``: the model's native size (512 for SD v1.4, 32 for the toy world)."""
+    width: int | None = None
+    """Pixels; ``None``: the model's native size."""
+    negative_prompt: str | None = None
+    """An inference-time baseline: the concept text as negative prompt."""
+
+
+@dataclass
+class SimulateConfig:
+    """The toy-world oracle playing human annotators."""
+
+    annotators: int = 3
+    """How many simulated people label every image."""
+    noise: float = 0.1
+    """Chance that one annotator flips one label (or swaps one ranked pair)."""
+    seed: int = 0
+    """Seeds the simulated noise."""
+    oracle: str = "toyworld:oracle"
+    """The judge (an ``Oracle`` folder)."""
+    attribute: Literal["shape", "color", "style"] = "style"
+    """Which of the oracle's attributes the concept is..."""
+    value: str = "striped"
+    """...and which value of it counts as showing the concept."""
+
+
+@dataclass
+class FeedbackConfig:
+    """Where the human judgements come from and what they look like."""
+
+    kind: Literal["binary", "ranking"] = "binary"
+    """``binary``: each image shows the concept or not; ``ranking``: images of one prompt ranked."""
+    source: Literal["simulate", "files"] = "files"
+    """``files``: Label Studio / CSV / JSONL exports listed in ``files``; ``simulate``: the oracle."""
+    files: list[str] = field(default_factory=list)
+    """Export files to ingest when ``source: files``."""
+    positive_choice: str = "shows the concept"
+    """The choice text that means label 1 (others: ``negative_choice``)."""
+    negative_choice: str = "does not show the concept"
+    """The choice text that means label 0."""
+    image_store: str | None = None
+    """Image URLs in exports must lie under this prefix; nothing outside it is ever fetched."""
+    max_file_mb: float = 100.0
+    """Exports larger than this are refused."""
+    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    """Settings of ``source: simulate``."""
+
+
+@dataclass
+class RewardConfig:
+    """The reward model: an MLP head on frozen CLIP image embeddings."""
+
+    clip: str = "openai/clip-vit-large-patch14"
+    """CLIP model folder or id; ``toyworld:clip`` for the toy world."""
+    hidden: int = 256
+    """Width of the MLP's hidden layers."""
+    layers: int = 2
+    """Hidden layers."""
+    dropout: float = 0.1
+    """Dropout between hidden layers."""
+    loss: Literal["mse", "bce"] = "mse"
+    """Binary feedback: ``mse`` on the mean label (the paper's) or ``bce``. Ranking always uses Bradley-Terry."""
+    epochs: int = 200
+    """Passes over the training labels (full-batch: labels are few, embeddings are cached)."""
+    lr: float = 1e-3
+    """AdamW learning rate."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    holdout: float = 0.2
+    """Share of images (binary) or prompts (ranking) held out for the reported metrics."""
+    seed: int = 0
+    """Seeds the split and the initialisation."""
+
+
+@dataclass
+class RunConfig:
+    """One concept-removal run."""
+
+    name: str
+    """Run name, used in the run store and MLflow."""
+    concept: ConceptConfig
+    """What is removed."""
+    model: ModelConfig
+    """The base model."""
+    prompts: list[PromptSet]
+    """Prompt groups: at least one ``target`` group."""
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    """Sampling settings."""
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    """Feedback source and format."""
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    """Reward model settings."""
+
+    def __post_init__(self) -> None:
+        if not any(p.group.startswith("target") for p in self.prompts):
+            raise ConfigError("prompts: needs at least one group starting with 'target'")
+        groups = [p.group for p in self.prompts]
+        if len(set(groups)) != len(groups):
+            raise ConfigError(f"prompts: group names repeat: {groups}")
+
+
+# ----------------------------------------------------------------------------- loading
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; build nested dataclasses."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _convert(inner[0], value, where) if len(inner) == 1 else value
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        item = args[0] if args else Any
+        items = [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, checking every key and type.
+
+    Raises:
+        ConfigError: naming the dotted key that is unknown, missing or of the wrong type.
+    """
+    name = where or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{name}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for key, f in known.items():
+        path = f"{where}.{key}" if where else key
+        if key in data:
+            kwargs[key] = _convert(hints[key], data[key], path)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"{path}: required")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{name}: {e}" if where else str(e)) from None
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate a run config YAML; relative model folders resolve against its folder.
+
+    Raises:
+        ConfigError: with the file name and the offending key.
+    """
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read YAML: {e}") from None
+    try:
+        cfg = from_dict(RunConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    base = path.parent.resolve()
+    cfg.model.path = resolve_model_path(cfg.model.path, base)
+    cfg.reward.clip = resolve_model_path(cfg.reward.clip, base)
+    cfg.feedback.simulate.oracle = resolve_model_path(cfg.feedback.simulate.oracle, base)
+    cfg.feedback.files = [str((base / f).resolve()) if not Path(f).is_absolute() else f for f in cfg.feedback.files]
+    return cfg
+
+
+def resolve_model_path(spec: str, base: Path | None = None) -> str:
+    """``toyworld:<part>`` -> the committed world's folder; ``./x`` or ``../x`` -> under ``base``."""
+    if spec.startswith("toyworld:"):
+        from hfi_core.toyworld import default_world
+
+        part = spec.split(":", 1)[1]
+        if part not in ("sd", "clip", "oracle"):
+            raise ConfigError(f"{spec!r}: the toy world has 'sd', 'clip' and 'oracle'")
+        return str(default_world() / part)
+    if base is not None and spec.startswith((".", "/")) is True and not Path(spec).is_absolute():
+        return str((base / spec).resolve())
+    return spec
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain dict of a config (for MLflow params and run records)."""
+    return dataclasses.asdict(cfg)

@@ -1,0 +1,1 @@
+"""Human feedback: Label Studio round trip, ingest and validation, and simulated annotators."""

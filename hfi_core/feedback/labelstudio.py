@@ -1,0 +1,221 @@
+"""Label Studio: the import file we publish, the labeling configs, and the exports we read.
+
+Exports come in three shapes, and every one of them parses to the same votes:
+
+- **JSON** (full): a list of tasks ``{"id", "data": {...}, "annotations": [...], "predictions": [...]}``;
+  each annotation has ``id``, ``completed_by``, ``was_cancelled``, ``result`` (a list of
+  ``{"type": "choices", "from_name": ..., "value": {"choices": [...]}}`` or, for rankings,
+  ``{"type": "ranker", "value": {"ranker": {"<name>": [ids]}}}``).
+- **JSON_MIN**: one flat record per annotation: the task's data fields, ``annotator``,
+  ``annotation_id``, and the control's name as a key (``"concept": "striped"``).
+- **CSV**: the same columns as JSON_MIN.
+
+Only human annotations count: ``predictions`` are model pre-labels, and cancelled annotations
+or empty results are no labels at all.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+CONTROL = "concept"  # name of the Choices control (binary) in our labeling config
+RANKER = "rank"  # name of the Ranker control
+IMAGE = "image"  # name of the Image object tag / the data field holding the URL
+
+
+class FeedbackError(ValueError):
+    """Bad feedback input; the message names the file, the record and the field."""
+
+    def __init__(self, file: str, record: int | str | None, field: str | None, problem: str) -> None:
+        where = file if record is None else f"{file}: record {record}"
+        where += f", field '{field}'" if field else ""
+        super().__init__(f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class Vote:
+    """One annotator's binary judgement of one image."""
+
+    source: str
+    record: int
+    annotation_id: str
+    annotator: str
+    image_id: str
+    label: int  # 1: shows the concept
+
+
+@dataclass(frozen=True)
+class Ranking:
+    """One annotator's order of several images, strongest concept first."""
+
+    source: str
+    record: int
+    annotation_id: str
+    annotator: str
+    image_ids: tuple[str, ...]
+
+
+def binary_label_config(positive: str, negative: str) -> str:
+    """The Label Studio labeling config of a binary judgement."""
+    return f"""<View>
+  <Header value="Does this image show the concept?"/>
+  <Text name="prompt" value="$prompt"/>
+  <Image name="{IMAGE}" value="${IMAGE}" zoom="true"/>
+  <Choices name="{CONTROL}" toName="{IMAGE}" choice="single-radio" required="true">
+    <Choice value="{positive}" hotkey="1"/>
+    <Choice value="{negative}" hotkey="2"/>
+  </Choices>
+</View>
+"""
+
+
+def ranking_label_config() -> str:
+    """The Label Studio labeling config of a ranking: drag the strongest concept to the top."""
+    return f"""<View>
+  <Header value="Order the images: the one that shows the concept most strongly first"/>
+  <Text name="prompt" value="$prompt"/>
+  <List name="images" value="$items" title="Images"/>
+  <Ranker name="{RANKER}" toName="images"/>
+</View>
+"""
+
+
+def binary_tasks(rows: list[dict[str, Any]], url_of: dict[str, str]) -> list[dict]:
+    """Import tasks, one per image: ``{"data": {"image", "image_id", "prompt", "seed", "group"}}``."""
+    return [
+        {
+            "data": {
+                IMAGE: url_of[r["image_id"]],
+                "image_id": r["image_id"],
+                "prompt": r["prompt"],
+                "seed": int(r["seed"]),
+                "group": r["group"],
+            }
+        }
+        for r in rows
+    ]
+
+
+def ranking_tasks(rows: list[dict[str, Any]], url_of: dict[str, str], group_size: int = 4) -> list[dict]:
+    """Import tasks, one per ``group_size`` images of the same prompt (a ranking needs >= 2)."""
+    by_prompt: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        by_prompt.setdefault((r["group"], r["prompt"]), []).append(r)
+    tasks = []
+    for (group, prompt), rs in by_prompt.items():
+        for i in range(0, len(rs), group_size):
+            chunk = rs[i : i + group_size]
+            if len(chunk) < 2:
+                continue
+            items = [{"id": r["image_id"], "html": f'<img src="{url_of[r["image_id"]]}" width="256"/>'} for r in chunk]
+            tasks.append(
+                {
+                    "data": {
+                        "items": items,
+                        "prompt": prompt,
+                        "group": group,
+                        "image_urls": [url_of[r["image_id"]] for r in chunk],
+                    }
+                }
+            )
+    return tasks
+
+
+# ----------------------------------------------------------------------------- parsing
+
+
+def annotator_of(ann: dict) -> str:
+    """Who made an annotation: full exports give an int user id, or a dict with id/email."""
+    value = ann.get("completed_by")
+    if isinstance(value, dict):
+        return str(value.get("email") or value.get("id"))
+    return str(value)
+
+
+def parse_full_export(tasks: Any, source: str) -> tuple[list[tuple[int, dict, dict]], int]:
+    """Flatten a full JSON export into ``(task_index, data, annotation)`` for every human annotation.
+
+    Returns the annotations that count and how many were skipped (cancelled or empty).
+    """
+    if not isinstance(tasks, list):
+        raise FeedbackError(source, None, None, f"expected a JSON array of tasks, got {type(tasks).__name__}")
+    out, skipped = [], 0
+    for i, task in enumerate(tasks):
+        if not isinstance(task, dict):
+            raise FeedbackError(source, i, None, f"expected a task object, got {type(task).__name__}")
+        data = task.get("data")
+        if not isinstance(data, dict):
+            raise FeedbackError(source, i, "data", "missing or not an object")
+        annotations = task.get("annotations", [])
+        if not isinstance(annotations, list):
+            raise FeedbackError(source, i, "annotations", "expected a list")
+        for j, ann in enumerate(annotations):
+            if not isinstance(ann, dict):
+                raise FeedbackError(source, i, f"annotations[{j}]", "expected an object")
+            if ann.get("was_cancelled") or not ann.get("result"):
+                skipped += 1
+                continue
+            if "id" not in ann:
+                raise FeedbackError(source, i, f"annotations[{j}].id", "missing")
+            out.append((i, data, ann))
+        # task["predictions"] are model pre-labels: never read.
+    return out, skipped
+
+
+def choices_of(ann: dict, source: str, record: int, control: str = CONTROL) -> list[str]:
+    """The choices an annotation made in our control (results of other controls are ignored)."""
+    results = ann.get("result")
+    if not isinstance(results, list):
+        raise FeedbackError(source, record, "result", "expected a list")
+    mine = [r for r in results if isinstance(r, dict) and r.get("type") == "choices" and r.get("from_name") == control]
+    if not mine:
+        names = sorted({str(r.get("from_name")) for r in results if isinstance(r, dict)})
+        raise FeedbackError(source, record, "result", f"no 'choices' result from control '{control}' (found {names})")
+    choices = []
+    for r in mine:
+        value = r.get("value")
+        if not isinstance(value, dict) or not isinstance(value.get("choices"), list):
+            raise FeedbackError(source, record, "result.value.choices", "expected a list of strings")
+        choices += value["choices"]
+    return choices
+
+
+def ranking_of(ann: dict, source: str, record: int, control: str = RANKER) -> list[str]:
+    """The ordered item ids of a Ranker result."""
+    for r in ann.get("result") or []:
+        if isinstance(r, dict) and r.get("type") == "ranker" and r.get("from_name") == control:
+            ranker = (r.get("value") or {}).get("ranker")
+            order = ranker.get(control) if isinstance(ranker, dict) else ranker
+            if not isinstance(order, list) or not all(isinstance(x, str) for x in order):
+                raise FeedbackError(source, record, "result.value.ranker", "expected a list of image ids")
+            return order
+    raise FeedbackError(source, record, "result", f"no 'ranker' result from control '{control}'")
+
+
+def parse_min_choice(cell: Any, source: str, record: int, field: str) -> list[str]:
+    """A JSON_MIN/CSV control cell: ``"striped"``, or ``{"choices": [...]}`` (as JSON or a string)."""
+    if isinstance(cell, str) and cell.startswith("{"):
+        try:
+            cell = json.loads(cell)
+        except json.JSONDecodeError:
+            raise FeedbackError(source, record, field, f"{cell!r} is neither a choice nor valid JSON") from None
+    if isinstance(cell, dict):
+        choices = cell.get("choices")
+        if not isinstance(choices, list):
+            raise FeedbackError(source, record, field, "expected {'choices': [...]}")
+        return [str(c) for c in choices]
+    if cell is None or cell == "":
+        return []
+    return [str(cell)]
+
+
+def image_urls(manifest_rows: list[dict[str, Any]], prefix: str) -> dict[str, str]:
+    """image_id -> the URL Label Studio shows: ``prefix`` + the manifest's relative ``uri``."""
+    return {r["image_id"]: prefix + r["uri"] for r in manifest_rows}
+
+
+def local_files_prefix(image_root: str) -> str:
+    """Label Studio's local-file serving URL for a folder (``LOCAL_FILES_SERVING_ENABLED``)."""
+    return f"/data/local-files/?d={image_root.rstrip('/')}/"

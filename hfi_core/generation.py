@@ -1,0 +1,139 @@
+"""Seeded, batched, resumable image generation -> content-addressed PNGs + ``manifest.parquet``.
+
+Layout under the output folder::
+
+    images/<sha256>.png      every image, named by the sha256 of its PNG bytes
+    manifest.parquet         one row per image (see ``MANIFEST_COLUMNS``), written last
+    .journal.jsonl           rows of finished batches while the run is under way
+
+Reproducibility: image i's seed comes from (base seed, group, prompt, index), never from its
+position in the run, so adding prompts leaves existing images unchanged. Batches are cut from
+the full, ordered item list, and a resumed run skips finished batches whole: a batch is always
+computed with the same companions, so even CPU GEMM blocking cannot change a byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from hfi_core.config import RunConfig
+from hfi_core.images import JOURNAL, MANIFEST, MANIFEST_COLUMNS, png_bytes
+from hfi_core.models import load_sd_pipeline, model_identity
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image to generate."""
+
+    image_id: str
+    prompt: str
+    group: str
+    index: int
+    seed: int
+
+
+def _digest(*parts: object) -> str:
+    return hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()
+
+
+def plan(cfg: RunConfig, width: int, height: int) -> list[Item]:
+    """Every image the config asks for, in a fixed order, with its seed and id."""
+    g = cfg.generation
+    settings = (model_identity(cfg.model), g.scheduler, g.steps, g.guidance, g.negative_prompt, width, height)
+    items = []
+    for ps in cfg.prompts:
+        for prompt in ps.prompts:
+            for k in range(ps.images_per_prompt):
+                seed = int(_digest(g.seed, ps.group, prompt, k)[:8], 16) & 0x7FFFFFFF
+                image_id = "img_" + _digest(*settings, ps.group, prompt, seed)[:20]
+                items.append(Item(image_id, prompt, ps.group, k, seed))
+    ids = [it.image_id for it in items]
+    if len(set(ids)) != len(ids):
+        raise ValueError("prompts: the same prompt appears twice in one group; each image must be unique")
+    return items
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def generate(cfg: RunConfig, out: Path, *, show_progress: bool = True) -> Path:
+    """Generate every image of ``cfg.prompts`` into ``out``; returns the manifest's path.
+
+    A run that stopped part-way resumes: batches recorded in the journal are not redone. A
+    finished run (manifest present and listing every planned image) returns at once.
+    """
+    out = Path(out)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    g = cfg.generation
+    pipe = load_sd_pipeline(cfg.model, g.scheduler)
+    vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+    height = g.height or pipe.unet.config.sample_size * vae_scale
+    width = g.width or pipe.unet.config.sample_size * vae_scale
+    items = plan(cfg, width, height)
+    manifest_path = out / MANIFEST
+    if manifest_path.exists() and set(pd.read_parquet(manifest_path).image_id) == {i.image_id for i in items}:
+        return manifest_path
+
+    journal = out / JOURNAL
+    done: dict[str, dict] = {}
+    if journal.exists():
+        for line in journal.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                break  # a line cut short by a kill: that batch is redone
+            if (out / row["uri"]).exists():
+                done[row["image_id"]] = row
+    batches = [items[i : i + g.batch_size] for i in range(0, len(items), g.batch_size)]
+    settings = dict(
+        model=model_identity(cfg.model), scheduler=g.scheduler, steps=g.steps, guidance=g.guidance,
+        negative_prompt=g.negative_prompt, width=width, height=height,
+    )  # fmt: skip
+    device = pipe.device
+    bar = tqdm(total=len(items), desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True)
+    bar.update(sum(1 for it in items if it.image_id in done))
+    with journal.open("a") as jf:
+        for batch in batches:
+            if all(it.image_id in done for it in batch):
+                continue
+            images = pipe(
+                [it.prompt for it in batch],
+                negative_prompt=[g.negative_prompt] * len(batch) if g.negative_prompt else None,
+                generator=[torch.Generator(device).manual_seed(it.seed) for it in batch],
+                num_inference_steps=g.steps,
+                guidance_scale=g.guidance,
+                height=height,
+                width=width,
+                output_type="np",
+            ).images  # (B, H, W, 3) float in [0, 1]
+            for it, img in zip(batch, images, strict=True):
+                data = png_bytes(np.round(img * 255).clip(0, 255).astype(np.uint8))
+                sha = hashlib.sha256(data).hexdigest()
+                uri = f"images/{sha}.png"
+                if not (out / uri).exists():
+                    _write_atomic(out / uri, data)
+                row = {**asdict(it), "uri": uri, "sha256": sha, **settings}
+                done[it.image_id] = row
+                jf.write(json.dumps(row) + "\n")
+            jf.flush()
+            os.fsync(jf.fileno())
+            bar.update(len(batch))
+    bar.close()
+    df = pd.DataFrame([done[it.image_id] for it in items])[MANIFEST_COLUMNS]
+    tmp = out / f".{MANIFEST}.tmp"
+    df.to_parquet(tmp, index=False)
+    os.replace(tmp, manifest_path)
+    journal.unlink()
+    return manifest_path

@@ -1,0 +1,67 @@
+"""Load the models a run needs: an SD pipeline, a CLIP model, the toy-world oracle.
+
+The same calls load SD v1.4 from a folder or the hub on a GPU and the toy world on a CPU; the
+pipeline's dtype and device follow the ``ModelConfig`` (``auto``: fp16 on CUDA, fp32 on CPU).
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+)
+from transformers import CLIPModel, CLIPProcessor
+
+from hfi_core.config import ModelConfig
+
+SCHEDULERS = {
+    "dpmsolver": DPMSolverMultistepScheduler,
+    "ddim": DDIMScheduler,
+    "pndm": PNDMScheduler,
+    "euler": EulerDiscreteScheduler,
+}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` -> float16 on CUDA, float32 elsewhere (CPU half precision is slow and lossy)."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[dtype]
+
+
+def model_identity(cfg: ModelConfig) -> str:
+    """The string recorded with every image: path or id, and revision when set."""
+    return cfg.path + (f"@{cfg.revision}" if cfg.revision else "")
+
+
+def load_sd_pipeline(cfg: ModelConfig, scheduler: str = "dpmsolver") -> StableDiffusionPipeline:
+    """A Stable Diffusion pipeline on its device, with ``scheduler`` built from its own config.
+
+    The safety checker is left out: measuring (and removing) unsafe content is this tool's job,
+    and a checker that blacks out images would hide exactly what is measured.
+    """
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    pipe = StableDiffusionPipeline.from_pretrained(
+        cfg.path, revision=cfg.revision, dtype=dtype, safety_checker=None, requires_safety_checker=False
+    )
+    pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def load_clip(path: str, device: str = "auto") -> tuple[CLIPModel, CLIPProcessor]:
+    """A CLIP model (eval mode, fp32) and its processor."""
+    model = CLIPModel.from_pretrained(path).eval().to(resolve_device(device))
+    return model, CLIPProcessor.from_pretrained(path)
