@@ -128,8 +128,8 @@ def _rows_of(path: Path, text: str) -> tuple[str, Any]:
             raise FeedbackError(
                 name, None, None, f"expected a JSON array (a Label Studio export), got {type(data).__name__}"
             )
-        if data and all(isinstance(t, dict) and "data" in t for t in data):
-            return "full", data
+        if data and any(isinstance(t, dict) and ("data" in t or "annotations" in t) for t in data):
+            return "full", data  # task-shaped: parse_full_export names any task that lacks 'data'
         if data and all(isinstance(t, dict) and "annotation_id" in t for t in data):
             return "min", data
         return "plain", data
