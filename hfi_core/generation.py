@@ -31,6 +31,15 @@ from hfi_core.models import load_sd_pipeline, model_identity
 
 
 @dataclass(frozen=True)
+class GenerationResult:
+    """Where the manifest is, and how many images this call drew or found already drawn."""
+
+    manifest: Path
+    generated: int
+    reused: int
+
+
+@dataclass(frozen=True)
 class Item:
     """One image to generate."""
 
@@ -68,8 +77,8 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def generate(cfg: RunConfig, out: Path, *, show_progress: bool = True) -> Path:
-    """Generate every image of ``cfg.prompts`` into ``out``; returns the manifest's path.
+def generate(cfg: RunConfig, out: Path, *, show_progress: bool = True) -> GenerationResult:
+    """Generate every image of ``cfg.prompts`` into ``out``.
 
     A run that stopped part-way resumes: batches recorded in the journal are not redone. A
     finished run (manifest present and listing every planned image) returns at once.
@@ -84,7 +93,7 @@ def generate(cfg: RunConfig, out: Path, *, show_progress: bool = True) -> Path:
     items = plan(cfg, width, height)
     manifest_path = out / MANIFEST
     if manifest_path.exists() and set(pd.read_parquet(manifest_path).image_id) == {i.image_id for i in items}:
-        return manifest_path
+        return GenerationResult(manifest_path, 0, len(items))
 
     journal = out / JOURNAL
     done: dict[str, dict] = {}
@@ -103,7 +112,8 @@ def generate(cfg: RunConfig, out: Path, *, show_progress: bool = True) -> Path:
     )  # fmt: skip
     device = pipe.device
     bar = tqdm(total=len(items), desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True)
-    bar.update(sum(1 for it in items if it.image_id in done))
+    reused = sum(1 for batch in batches if all(it.image_id in done for it in batch) for _ in batch)
+    bar.update(reused)
     with journal.open("a") as jf:
         for batch in batches:
             if all(it.image_id in done for it in batch):
@@ -136,4 +146,4 @@ def generate(cfg: RunConfig, out: Path, *, show_progress: bool = True) -> Path:
     df.to_parquet(tmp, index=False)
     os.replace(tmp, manifest_path)
     journal.unlink()
-    return manifest_path
+    return GenerationResult(manifest_path, len(items) - reused, reused)

@@ -23,8 +23,9 @@ def run(args: argparse.Namespace) -> int:
     from hfi_core.generation import generate
     from hfi_core.images import read_manifest
 
-    manifest = generate(load_config(args.config), args.out, show_progress=not args.quiet)
-    df = read_manifest(manifest)
-    print(f"{len(df)} images in {args.out / 'images'}; manifest: {manifest}")
+    result = generate(load_config(args.config), args.out, show_progress=not args.quiet)
+    df = read_manifest(result.manifest)
+    print(f"{len(df)} images in {args.out / 'images'}; manifest: {result.manifest}")
+    print(f"generated {result.generated}, reused {result.reused} from an earlier or interrupted run")
     print(df.groupby("group").size().to_string())
     return 0
