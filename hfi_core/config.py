@@ -165,6 +165,71 @@ class RewardConfig:
 
 
 @dataclass
+class InvertConfig:
+    """Human Feedback Inversion: reward-weighted textual inversion of the soft token v*."""
+
+    token: str = "<hfi-concept>"
+    """The placeholder token added to the tokenizer (its embedding row is v*)."""
+    init_word: str = ""
+    """Word whose embedding v* starts from; empty: ``concept.init_word``, then ``concept.name``."""
+    templates: list[str] = field(default_factory=lambda: ["{}"])
+    """Prompts v* is trained in; ``{}`` is replaced by the token (e.g. ``a photo of {}``)."""
+    groups: list[str] = field(default_factory=lambda: ["target"])
+    """Prompt-group prefixes whose images the inversion learns from (the model's own samples for c)."""
+    steps: int = 500
+    """Optimiser steps."""
+    batch_size: int = 8
+    """Images per step."""
+    lr: float = 5e-4
+    """AdamW learning rate on the embedding row (diffusers' textual-inversion example uses ~5e-4 for SD)."""
+    top_k: int = 0
+    """Keep only the K highest-reward images; 0 keeps all, weighted by reward."""
+    seed: int = 0
+    """Seeds batches, noise and timesteps."""
+
+
+@dataclass
+class DistillConfig:
+    """Fine-tuning that erases the concept: SDD (self-distillation) or ESD-x."""
+
+    method: Literal["sdd", "esd"] = "sdd"
+    """``sdd``: match the student's conditional to its own unconditional on EMA-teacher samples;
+    ``esd``: match a frozen copy's negatively guided prediction."""
+    concept_prompts: list[str] = field(default_factory=lambda: ["{token}"])
+    """Prompts naming the concept to erase, cycled; ``{token}`` becomes the HFI token, ``{concept}`` the concept's name."""
+    use_token: bool = True
+    """Whether ``{token}`` may appear (HFI); without a token only text prompts are used (text-only removal)."""
+    trainable: Literal["attn2", "attn", "all"] = "attn2"
+    """Which UNet parameters train: cross-attention (SDD's default), all attention, or all."""
+    steps: int = 1500
+    """Optimiser steps (batch ``batch_size``)."""
+    batch_size: int = 1
+    """Trajectories per step."""
+    lr: float = 1e-5
+    """AdamW learning rate (constant)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip."""
+    ema_decay: float = 0.999
+    """SDD's teacher: EMA of the student; the teacher is what is saved and evaluated."""
+    timestep_alpha: float = 3.0
+    """Training states come from ``Beta(alpha, beta)`` positions on the sampler trajectory..."""
+    timestep_beta: float = 3.0
+    """...(3, 3) as in HFI; (1, 1) is the reference code's uniform draw."""
+    sampler_steps: int = 50
+    """DDIM (eta 0) steps of the trajectory the training states come from."""
+    guidance: float = 3.0
+    """Classifier-free guidance of that trajectory."""
+    esd_eta: float = 1.0
+    """ESD's negative-guidance strength."""
+    checkpoint_every: int = 100
+    """Steps between checkpoints (``--resume`` continues from the last one)."""
+    seed: int = 0
+    """Seeds trajectories and timesteps."""
+
+
+@dataclass
 class RunConfig:
     """One concept-removal run."""
 
@@ -182,6 +247,10 @@ class RunConfig:
     """Feedback source and format."""
     reward: RewardConfig = field(default_factory=RewardConfig)
     """Reward model settings."""
+    invert: InvertConfig = field(default_factory=InvertConfig)
+    """HFI inversion settings."""
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    """Erasure fine-tuning settings."""
 
     def __post_init__(self) -> None:
         if not any(p.group.startswith("target") for p in self.prompts):

@@ -1,0 +1,1 @@
+"""Fine-tuning that erases a concept: SDD (self-distillation) and ESD-x."""

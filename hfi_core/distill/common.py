@@ -1,0 +1,148 @@
+"""What SDD and ESD share: timestep sampling on a sampler trajectory, partial teacher
+trajectories, the EMA teacher, trainable-parameter selection, prompt encoding.
+
+Timesteps (METHOD.md, SDD step 1). Training states ``x_t`` are made by running a sampler from
+pure noise, so ``t`` must be one of the sampler's own timesteps. We draw ``u ~ Beta(a, b)`` on
+(0, 1), take ``k = floor(u * N)`` (clipped to ``0..N-1``) as the number of sampler steps to run,
+and label the state with ``timesteps[k]``: the noise level the sampler would denoise next. k = 0
+is pure noise labelled with the first (latest) timestep; k = N-1 is the last, nearly clean state,
+labelled with the smallest timestep. A state is never labelled with a timestep other than its own
+(the reference code, at index 0, trained a fully denoised latent under a near-T label).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from torch import nn
+
+
+def ddim_scheduler(pipe: StableDiffusionPipeline, steps: int) -> DDIMScheduler:
+    """DDIM (eta 0) built from the pipeline's own config, with SD's sampling offsets."""
+    sched = DDIMScheduler.from_config(pipe.scheduler.config, clip_sample=False, set_alpha_to_one=False)
+    sched.set_timesteps(steps)
+    return sched
+
+
+def sample_step_index(n_steps: int, rng: np.random.Generator, alpha: float = 3.0, beta: float = 3.0) -> int:
+    """How many sampler steps to run before training: ``u ~ Beta(alpha, beta)`` mapped onto 0..N-1.
+
+    ``alpha = beta = 1`` is the uniform draw of the reference code; (3, 3) concentrates training
+    on the middle of the trajectory, as HFI does. A numpy Generator, because its state can be
+    checkpointed and restored exactly.
+    """
+    return min(n_steps - 1, int(rng.beta(alpha, beta) * n_steps))
+
+
+@torch.no_grad()
+def run_trajectory(
+    unet: UNet2DConditionModel,
+    sched: DDIMScheduler,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    n_steps: int,
+    guidance: float,
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run ``n_steps`` DDIM steps with CFG from pure noise.
+
+    Args:
+        cond, uncond: text embeddings, (B, L, D).
+        shape: latent shape, (B, C, H, W).
+    Returns:
+        ``(x_t, t)``: the state after ``n_steps`` steps and its timestep ``sched.timesteps[n_steps]``, (B,).
+    """
+    device, dtype = cond.device, cond.dtype
+    x = torch.randn(shape, generator=generator).to(device, dtype) * sched.init_noise_sigma  # (B, C, H, W)
+    for t in sched.timesteps[:n_steps]:
+        inp = sched.scale_model_input(torch.cat([x, x]), t)
+        eps_u, eps_c = unet(inp, t, torch.cat([uncond, cond])).sample.chunk(2)
+        x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
+    t_label = sched.timesteps[n_steps].expand(shape[0]).to(device)
+    return x, t_label
+
+
+def select_trainable(unet: UNet2DConditionModel, which: str) -> list[tuple[str, nn.Parameter]]:
+    """Freeze the UNet except ``which``: ``attn2`` (cross-attention, SDD's default, ~5% of SD's
+    UNet), ``attn`` (all attention) or ``all``. Returns the trainable (name, parameter) pairs."""
+    chosen = []
+    for name, p in unet.named_parameters():
+        keep = which == "all" or (which == "attn2" and ".attn2." in name) or (which == "attn" and ".attn" in name)
+        p.requires_grad_(keep)
+        if keep:
+            chosen.append((name, p))
+    if not chosen:
+        raise ValueError(f"distill.trainable: {which!r} selects no parameter of this UNet")
+    return chosen
+
+
+class EMA:
+    """EMA of a module's parameters, kept in a full copy of the module (the teacher).
+
+    ``teacher = decay * teacher + (1 - decay) * student`` after every optimiser step; only
+    parameters that train can change, so only those are updated.
+    """
+
+    def __init__(self, student: nn.Module, names: list[str], decay: float) -> None:
+        self.decay = decay
+        self.teacher = copy.deepcopy(student).eval().requires_grad_(False)
+        s_params, t_params = dict(student.named_parameters()), dict(self.teacher.named_parameters())
+        self.pairs = [(t_params[n], s_params[n]) for n in names]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for t, s in self.pairs:
+            t.lerp_(s.detach(), 1.0 - self.decay)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {n: p.detach().clone() for n, p in self.teacher.named_parameters()}
+
+
+@torch.no_grad()
+def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings for prompts, (len(prompts), L, D), as the pipeline conditions on them."""
+    ids = pipe.tokenizer(
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(pipe.text_encoder.device)
+    return pipe.text_encoder(ids)[0]
+
+
+def cycle(items: list) -> Iterator:
+    """item 0, 1, ..., n-1, 0, 1, ... (SDD cycles through the concepts it removes)."""
+    while True:
+        yield from items
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(
+    path: Path, step: int, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
+    rng: np.random.Generator, gen: torch.Generator,
+) -> None:  # fmt: skip
+    """Everything a resumed run needs to continue bit for bit; written atomically."""
+    path.mkdir(parents=True, exist_ok=True)
+    tmp = path / "state.pt.tmp"
+    torch.save({"step": step, "params": params, "opt": opt.state_dict(), "gen": gen.get_state()}, tmp)
+    (path / "rng.json.tmp").write_text(json.dumps(rng.bit_generator.state))  # big ints: JSON, not pickle
+    os.replace(path / "rng.json.tmp", path / "rng.json")
+    os.replace(tmp, path / "state.pt")
+
+
+def load_checkpoint(path: Path, opt: torch.optim.Optimizer, rng: np.random.Generator, gen: torch.Generator):
+    """Restore optimiser and RNG states in place; returns ``(step, params)`` or ``None``."""
+    if not (path / "state.pt").exists():
+        return None
+    state = torch.load(path / "state.pt", weights_only=True)
+    opt.load_state_dict(state["opt"])
+    gen.set_state(state["gen"])
+    rng.bit_generator.state = json.loads((path / "rng.json").read_text())
+    return state["step"], state["params"]

@@ -1,0 +1,98 @@
+"""ESD-x: erasing a concept by negative guidance (Gandikota et al.; METHOD.md stage 6).
+
+A frozen copy of the original UNet gives eps*. The trained UNet's conditional prediction is
+pulled to the negatively guided original:
+
+    eps_theta(x_t, c, t)  ->  eps*(x_t, "", t) - eta * (eps*(x_t, c, t) - eps*(x_t, "", t))
+
+with x_t sampled from the model being trained (DDIM, guidance, from pure noise) with the concept
+prompt, and only cross-attention training (the "-x" variant). The trained UNet is what is saved.
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from tqdm.auto import tqdm
+
+from hfi_core.config import DistillConfig
+from hfi_core.distill.common import (
+    ddim_scheduler,
+    encode_prompts,
+    load_checkpoint,
+    run_trajectory,
+    sample_step_index,
+    save_checkpoint,
+    select_trainable,
+)
+
+
+@torch.no_grad()
+def esd_target(
+    frozen: UNet2DConditionModel,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    eta: float,
+) -> torch.Tensor:
+    """eps*(x_t, "") - eta * (eps*(x_t, c) - eps*(x_t, "")), (B, C, H, W)."""
+    e_u, e_c = frozen(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond])).sample.chunk(2)
+    return e_u - eta * (e_c - e_u)
+
+
+def train_esd(
+    pipe: StableDiffusionPipeline,
+    cfg: DistillConfig,
+    concept_prompts: list[str],
+    work: Path,
+    *,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> tuple[UNet2DConditionModel, list[str], list[float]]:
+    """Erase what ``concept_prompts`` name from ``pipe.unet`` by ESD-x.
+
+    Returns ``(unet, trained_names, losses)`` like ``train_sdd``.
+    """
+    unet = pipe.unet
+    frozen = copy.deepcopy(unet).eval().requires_grad_(False)
+    unet.train()
+    trainable = select_trainable(unet, cfg.trainable)
+    names = [n for n, _ in trainable]
+    opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = ddim_scheduler(pipe, cfg.sampler_steps)
+    cond_all = encode_prompts(pipe, concept_prompts)  # (P, L, D)
+    uncond = encode_prompts(pipe, [""]).expand(cfg.batch_size, -1, -1)  # (B, L, D)
+    latent_shape = (cfg.batch_size, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start, ckpt = 0, Path(work) / "checkpoint"
+    if resume and (restored := load_checkpoint(ckpt, opt, rng, gen)) is not None:
+        start, params = restored
+        current = dict(unet.named_parameters())
+        with torch.no_grad():
+            for n in names:
+                current[n].copy_(params[f"student.{n}"])
+
+    losses = []
+    for step in tqdm(range(start, cfg.steps), desc="esd", initial=start, total=cfg.steps, disable=not show_progress):
+        cond = cond_all[step % len(cond_all)].expand(cfg.batch_size, -1, -1)
+        k = sample_step_index(cfg.sampler_steps, rng, cfg.timestep_alpha, cfg.timestep_beta)
+        x_t, t = run_trajectory(unet, sched, cond, uncond, k, cfg.guidance, latent_shape, gen)  # the model in training
+        target = esd_target(frozen, x_t, t, cond, uncond, cfg.esd_eta)
+        loss = F.mse_loss(unet(x_t, t, cond).sample.float(), target.float())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip)
+        opt.step()
+        losses.append(loss.item())
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            current = dict(unet.named_parameters())
+            save_checkpoint(ckpt, step + 1, {f"student.{n}": current[n].detach().clone() for n in names}, opt, rng, gen)
+    unet.eval()
+    return unet, names, losses

@@ -1,0 +1,107 @@
+"""SDD: safe self-distillation (METHOD.md stage 5).
+
+Student theta trains; teacher theta_ema is the EMA of the student; both start from the base UNet.
+Each step:
+
+1. pick the next concept prompt c_s (cycled) and a trajectory position k ~ Beta(3, 3);
+2. run the EMA teacher from pure noise with c_s (DDIM, eta 0, guidance 3) for k steps: x_t;
+3. loss = || sg[eps_theta(x_t, t, "")] - eps_theta(x_t, t, c_s) ||^2  (the student's own
+   unconditional prediction, stop-gradient, is the target of its conditional one);
+4. AdamW step on the trainable parameters (cross-attention by default), then the EMA update.
+
+The EMA teacher is what is saved and evaluated.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline, UNet2DConditionModel
+from tqdm.auto import tqdm
+
+from hfi_core.config import DistillConfig
+from hfi_core.distill.common import (
+    EMA,
+    ddim_scheduler,
+    encode_prompts,
+    load_checkpoint,
+    run_trajectory,
+    sample_step_index,
+    save_checkpoint,
+    select_trainable,
+)
+
+
+def sdd_loss(
+    unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor, uncond: torch.Tensor
+) -> torch.Tensor:
+    """|| sg[eps(x_t, t, uncond)] - eps(x_t, t, cond) ||^2, mean over all elements.
+
+    Zero exactly when the model already ignores the concept prompt at (x_t, t).
+    """
+    with torch.no_grad():
+        target = unet(x_t, t, uncond).sample  # (B, C, H, W), no gradient: the target moves with theta
+    pred = unet(x_t, t, cond).sample
+    return F.mse_loss(pred.float(), target.float())
+
+
+def train_sdd(
+    pipe: StableDiffusionPipeline,
+    cfg: DistillConfig,
+    concept_prompts: list[str],
+    work: Path,
+    *,
+    resume: bool = False,
+    show_progress: bool = True,
+) -> tuple[UNet2DConditionModel, list[str], list[float]]:
+    """Erase what ``concept_prompts`` name from ``pipe.unet``.
+
+    Args:
+        work: checkpoint folder (``work/checkpoint``); ``resume`` continues from it.
+    Returns:
+        ``(teacher, trained_names, losses)``: the EMA UNet, the names of the parameters that
+        trained, and the loss of every step run by this call.
+    """
+    unet = pipe.unet
+    unet.train()
+    trainable = select_trainable(unet, cfg.trainable)
+    names = [n for n, _ in trainable]
+    ema = EMA(unet, names, cfg.ema_decay)
+    opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = ddim_scheduler(pipe, cfg.sampler_steps)
+    cond_all = encode_prompts(pipe, concept_prompts)  # (P, L, D)
+    uncond = encode_prompts(pipe, [""]).expand(cfg.batch_size, -1, -1)  # (B, L, D)
+    latent_shape = (cfg.batch_size, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    rng = np.random.default_rng(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    start, ckpt = 0, Path(work) / "checkpoint"
+    if resume and (restored := load_checkpoint(ckpt, opt, rng, gen)) is not None:
+        start, params = restored
+        student, teacher = dict(unet.named_parameters()), dict(ema.teacher.named_parameters())
+        with torch.no_grad():
+            for n in names:
+                student[n].copy_(params[f"student.{n}"])
+                teacher[n].copy_(params[f"teacher.{n}"])
+
+    losses = []
+    for step in tqdm(range(start, cfg.steps), desc="sdd", initial=start, total=cfg.steps, disable=not show_progress):
+        cond = cond_all[step % len(cond_all)].expand(cfg.batch_size, -1, -1)  # concepts cycle with the step
+        k = sample_step_index(cfg.sampler_steps, rng, cfg.timestep_alpha, cfg.timestep_beta)
+        x_t, t = run_trajectory(ema.teacher, sched, cond, uncond, k, cfg.guidance, latent_shape, gen)
+        loss = sdd_loss(unet, x_t, t, cond, uncond)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip)
+        opt.step()
+        ema.update()
+        losses.append(loss.item())
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+            student, teacher = dict(unet.named_parameters()), dict(ema.teacher.named_parameters())
+            params = {f"student.{n}": student[n].detach().clone() for n in names}
+            params |= {f"teacher.{n}": teacher[n].detach().clone() for n in names}
+            save_checkpoint(ckpt, step + 1, params, opt, rng, gen)
+    unet.eval()
+    return ema.teacher, names, losses

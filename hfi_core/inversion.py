@@ -1,0 +1,131 @@
+"""Human Feedback Inversion: the soft token v* for the concept as people judge it (METHOD.md stage 4).
+
+    v* = argmin_v  sum_i w_i * E_{t, eps} || eps - eps_theta(sqrt(abar_t) z_i + sqrt(1 - abar_t) eps, t, tau(prompt(v))) ||^2
+
+over the model's own samples x_i for the concept prompts, z_i their VAE latents and w_i their
+rewards (clipped at 0, normalised to mean 1; ``top_k`` keeps only the K highest). Textual
+inversion, weighted: only the new token's embedding row trains. After every step all other rows
+are copied back from the original table, so they come out bit-identical (AdamW's weight decay
+or any stray gradient cannot move them). Saved as diffusers saves textual inversion
+(``learned_embeds.safetensors`` = ``{token: (1, D)}``) for ``pipe.load_textual_inversion``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+from safetensors.torch import save_file
+from tqdm.auto import tqdm
+
+from hfi_core.config import InvertConfig
+
+
+def reward_weights(rewards: np.ndarray, top_k: int = 0) -> np.ndarray:
+    """Rewards -> per-image weights: clipped at 0, optionally top-K, normalised to mean 1 over the kept.
+
+    Raises:
+        ValueError: when no image has a positive reward (nothing to invert).
+    """
+    w = np.clip(np.asarray(rewards, dtype=np.float64), 0.0, None)
+    if top_k and top_k < len(w):
+        keep = np.zeros_like(w, dtype=bool)
+        keep[np.argsort(-w, kind="stable")[:top_k]] = True
+        w = np.where(keep, w, 0.0)
+    kept = w > 0
+    if not kept.any():
+        raise ValueError("invert: no image has a positive reward; the feedback shows no concept to invert")
+    return w / w[kept].mean()
+
+
+def add_token(pipe: StableDiffusionPipeline, token: str, init_word: str) -> int:
+    """Add ``token`` to the tokenizer, grow the embedding table, start its row at ``init_word``'s."""
+    if pipe.tokenizer.add_tokens(token) != 1:
+        raise ValueError(f"invert.token: {token!r} is already in the tokenizer; choose another placeholder")
+    pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
+    token_id = pipe.tokenizer.convert_tokens_to_ids(token)
+    init_ids = pipe.tokenizer.encode(init_word, add_special_tokens=False)
+    if not init_ids:
+        raise ValueError(f"invert.init_word: {init_word!r} encodes to no token")
+    table = pipe.text_encoder.get_input_embeddings().weight
+    with torch.no_grad():
+        table[token_id] = table[init_ids].mean(0)  # a multi-token word starts from its mean
+    return token_id
+
+
+@torch.no_grad()
+def encode_latents(pipe: StableDiffusionPipeline, images: np.ndarray, batch_size: int = 32) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> scaled VAE latents (posterior means), (N, C, H/f, W/f)."""
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = torch.from_numpy(images[i : i + batch_size]).permute(0, 3, 1, 2).float() / 127.5 - 1  # (B, 3, H, W)
+        x = x.to(pipe.vae.device, pipe.vae.dtype)
+        out.append(pipe.vae.encode(x).latent_dist.mean * pipe.vae.config.scaling_factor)
+    return torch.cat(out)
+
+
+def invert(
+    pipe: StableDiffusionPipeline,
+    latents: torch.Tensor,
+    weights: np.ndarray,
+    cfg: InvertConfig,
+    init_word: str,
+    *,
+    show_progress: bool = True,
+) -> tuple[torch.Tensor, list[float]]:
+    """Learn v*. ``latents`` (N, C, h, w) of the concept images, ``weights`` (N,) from ``reward_weights``.
+
+    Returns ``(v, losses)``: the learned row (D,) and the weighted loss per step. The pipeline's
+    tokenizer and text encoder keep the new token.
+    """
+    token_id = add_token(pipe, cfg.token, init_word)
+    te, unet = pipe.text_encoder, pipe.unet
+    unet.requires_grad_(False)
+    pipe.vae.requires_grad_(False)
+    te.requires_grad_(False)
+    table = te.get_input_embeddings().weight
+    table.requires_grad_(True)
+    original = table.detach().clone()
+    others = torch.ones(len(table), dtype=torch.bool, device=table.device)
+    others[token_id] = False
+    opt = torch.optim.AdamW([table], lr=cfg.lr, weight_decay=0.0)
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    prompts = [t.format(cfg.token) for t in cfg.templates]
+    ids = pipe.tokenizer(
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(te.device)  # (T, L)
+    pool = torch.from_numpy(np.flatnonzero(weights > 0))  # images with weight 0 (top-K) never train
+    w = torch.as_tensor(weights, dtype=torch.float32, device=latents.device)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    losses = []
+    te.train()
+    for _ in tqdm(range(cfg.steps), desc="invert", disable=not show_progress, dynamic_ncols=True):
+        idx = pool[torch.randint(len(pool), (cfg.batch_size,), generator=gen)]
+        z = latents[idx]  # (B, C, h, w)
+        noise = torch.randn(z.shape, generator=gen).to(z)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen).to(z.device)
+        cond = te(ids[torch.randint(len(ids), (len(idx),), generator=gen)])[0]  # (B, L, D)
+        pred = unet(noise_sched.add_noise(z, noise, t), t, cond).sample
+        per_image = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
+        loss = (w[idx] * per_image).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        with torch.no_grad():
+            table[others] = original[others]  # every other row bit-identical, whatever the optimiser did
+        losses.append(loss.item())
+    te.eval()
+    table.requires_grad_(False)
+    return table[token_id].detach().clone(), losses
+
+
+def save_token(path: Path, token: str, vector: torch.Tensor) -> Path:
+    """Write ``learned_embeds.safetensors`` as diffusers' textual-inversion script does: {token: (1, D)}."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    file = path / "learned_embeds.safetensors"
+    save_file({token: vector.detach().float().cpu().reshape(1, -1).contiguous()}, file)
+    return file

@@ -1,0 +1,159 @@
+"""The maths of inversion, SDD and ESD, pinned on a tiny random Stable Diffusion pipeline."""
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+from diffusers import StableDiffusionPipeline
+
+from hfi_core.config import DistillConfig, InvertConfig
+from hfi_core.distill.common import (
+    EMA,
+    ddim_scheduler,
+    encode_prompts,
+    run_trajectory,
+    sample_step_index,
+    select_trainable,
+)
+from hfi_core.distill.esd import esd_target, train_esd
+from hfi_core.distill.sdd import sdd_loss, train_sdd
+from hfi_core.inversion import invert, reward_weights, save_token
+from hfi_core.toyworld.models import make_sampling_scheduler, make_text_encoder, make_unet, make_vae
+from hfi_core.toyworld.tokenizer import build_tokenizer
+
+
+@pytest.fixture(scope="module")
+def base_pipe(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = build_tokenizer(tmp_path_factory.mktemp("tok"))
+    pipe = StableDiffusionPipeline(
+        vae=make_vae(), text_encoder=make_text_encoder(tok), tokenizer=tok, unet=make_unet((16, 32, 32)),
+        scheduler=make_sampling_scheduler(), safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture
+def pipe(base_pipe):
+    return copy.deepcopy(base_pipe)
+
+
+def test_sdd_loss_is_zero_when_conditional_and_unconditional_agree_and_positive_otherwise(pipe):
+    x = torch.randn(2, 4, 16, 16)
+    t = torch.tensor([500, 20])
+    uncond = encode_prompts(pipe, ["", ""])
+    assert sdd_loss(pipe.unet, x, t, uncond.clone(), uncond).item() == 0.0
+    cond = encode_prompts(pipe, ["a red circle in the style of van stripe"] * 2)
+    assert sdd_loss(pipe.unet, x, t, cond, uncond).item() > 0.0
+
+
+def test_sdd_loss_sends_no_gradient_through_its_target(pipe):
+    x, t = torch.randn(1, 4, 16, 16), torch.tensor([300])
+    cond, uncond = encode_prompts(pipe, ["a blue square"]), encode_prompts(pipe, [""])
+    sdd_loss(pipe.unet, x, t, cond, uncond).backward()
+    manual = torch.nn.functional.mse_loss(pipe.unet(x, t, cond).sample, pipe.unet(x, t, uncond).sample.detach())
+    grads = [p.grad.clone() for p in pipe.unet.parameters() if p.grad is not None]
+    pipe.unet.zero_grad()
+    manual.backward()
+    assert all(
+        torch.allclose(a, p.grad)
+        for a, p in zip(grads, [p for p in pipe.unet.parameters() if p.grad is not None], strict=True)
+    )
+
+
+def test_ema_update_moves_the_teacher_a_fraction_of_the_way_and_only_on_trained_parameters(pipe):
+    names = [n for n, _ in select_trainable(pipe.unet, "attn2")]
+    ema = EMA(pipe.unet, names, decay=0.9)
+    before = ema.state()
+    with torch.no_grad():
+        for p in pipe.unet.parameters():
+            p.add_(1.0)  # the student moves everywhere
+    ema.update()
+    after, student = ema.state(), dict(pipe.unet.named_parameters())
+    for n in before:
+        expected = 0.9 * before[n] + 0.1 * student[n] if n in names else before[n]
+        assert torch.allclose(after[n], expected, atol=1e-6), n
+
+
+def test_attn2_selection_trains_cross_attention_only():
+    unet = make_unet((16, 32, 32))
+    chosen = select_trainable(unet, "attn2")
+    assert chosen and all(".attn2." in n for n, _ in chosen)
+    assert all(p.requires_grad == (".attn2." in n) for n, p in unet.named_parameters())
+    with pytest.raises(ValueError, match="selects no parameter"):
+        select_trainable(torch.nn.Linear(2, 2), "attn2")
+
+
+def test_beta_positions_cover_the_trajectory_and_concentrate_in_the_middle():
+    rng = np.random.default_rng(0)
+    uniform = [sample_step_index(50, rng, 1.0, 1.0) for _ in range(20_000)]
+    beta = np.array([sample_step_index(50, rng, 3.0, 3.0) for _ in range(20_000)])
+    assert set(uniform) == set(range(50))  # every position of the trajectory, none outside
+    assert beta.min() >= 0 and beta.max() <= 49 and beta.min() <= 3 and beta.max() >= 46
+    assert abs(beta.mean() - 24.5) < 0.5 and ((beta >= 12) & (beta <= 37)).mean() > 0.8
+
+
+def test_a_trajectory_state_is_always_labelled_with_its_own_noise_level(pipe):
+    sched = ddim_scheduler(pipe, 10)
+    cond = encode_prompts(pipe, ["a red circle"])
+    uncond = encode_prompts(pipe, [""])
+    labels = []
+    for k in range(10):
+        x, t = run_trajectory(pipe.unet, sched, cond, uncond, k, 3.0, (1, 4, 16, 16), torch.Generator().manual_seed(0))
+        labels.append(int(t[0]))
+        if k == 0:  # no step run: pure noise, labelled with the first (latest) timestep
+            assert torch.equal(x, torch.randn((1, 4, 16, 16), generator=torch.Generator().manual_seed(0)))
+    assert labels == [int(s) for s in sched.timesteps]  # strictly decreasing, never a late label on a late state
+    assert labels[0] > 900 and labels[-1] < 100
+
+
+def test_esd_target_is_negatively_guided_and_reduces_to_unconditional_at_eta_zero(pipe):
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([400, 400])
+    cond, uncond = encode_prompts(pipe, ["a green triangle"] * 2), encode_prompts(pipe, ["", ""])
+    with torch.no_grad():
+        e_u, e_c = pipe.unet(x, t, uncond).sample, pipe.unet(x, t, cond).sample
+    assert torch.allclose(esd_target(pipe.unet, x, t, cond, uncond, 1.0), 2 * e_u - e_c, atol=1e-5)
+    assert torch.allclose(esd_target(pipe.unet, x, t, cond, uncond, 0.0), e_u, atol=1e-5)
+
+
+def test_reward_weights_clip_negatives_keep_top_k_and_average_one():
+    w = reward_weights(np.array([-1.0, 0.5, 1.0, 2.5]))
+    assert w[0] == 0 and w[1:].mean() == pytest.approx(1.0)
+    top = reward_weights(np.array([0.1, 0.9, 0.5, 0.7]), top_k=2)
+    assert (top > 0).tolist() == [False, True, False, True] and top[top > 0].mean() == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="no image has a positive reward"):
+        reward_weights(np.array([-0.2, 0.0]))
+
+
+def test_inversion_changes_exactly_one_embedding_row_and_loads_in_diffusers(pipe, base_pipe, tmp_path):
+    before = pipe.text_encoder.get_input_embeddings().weight.detach().clone()
+    latents = torch.randn(6, 4, 16, 16)
+    cfg = InvertConfig(token="<hfi-striped>", templates=["a {}"], steps=3, batch_size=2, lr=1e-2)
+    v, losses = invert(pipe, latents, reward_weights(np.arange(6.0)), cfg, "stripe", show_progress=False)
+    after = pipe.text_encoder.get_input_embeddings().weight
+    token_id = pipe.tokenizer.convert_tokens_to_ids("<hfi-striped>")
+    assert after.shape[0] == before.shape[0] + 1 and token_id == before.shape[0]
+    assert torch.equal(after[:token_id], before)  # bit-identical
+    init = before[pipe.tokenizer.convert_tokens_to_ids("stripe</w>")]
+    assert not torch.equal(after[token_id], init) and torch.equal(after[token_id], v) and len(losses) == 3
+    save_token(tmp_path, "<hfi-striped>", v)
+    fresh = copy.deepcopy(base_pipe)
+    fresh.load_textual_inversion(str(tmp_path))
+    loaded = fresh.text_encoder.get_input_embeddings().weight
+    assert torch.equal(loaded[fresh.tokenizer.convert_tokens_to_ids("<hfi-striped>")], v)
+
+
+@pytest.mark.parametrize("train", [train_sdd, train_esd], ids=["sdd", "esd"])
+def test_training_killed_at_step_k_and_resumed_ends_with_the_same_weights(base_pipe, tmp_path, train):
+    cfg = DistillConfig(steps=4, lr=1e-3, sampler_steps=6, checkpoint_every=2)
+    prompts = ["a red circle in the style of van stripe", "a blue square with a zebra pattern"]
+    straight, names, _ = train(copy.deepcopy(base_pipe), cfg, prompts, tmp_path / "a", show_progress=False)
+    cfg_killed = DistillConfig(steps=2, lr=1e-3, sampler_steps=6, checkpoint_every=2)  # stops after step 2's checkpoint
+    train(copy.deepcopy(base_pipe), cfg_killed, prompts, tmp_path / "b", show_progress=False)
+    resumed, _, losses = train(copy.deepcopy(base_pipe), cfg, prompts, tmp_path / "b", resume=True, show_progress=False)
+    assert len(losses) == 2  # only steps 3 and 4 ran again
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+    assert not all(torch.equal(a[n], base_pipe.unet.state_dict()[n]) for n in names)  # it did train
