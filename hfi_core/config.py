@@ -196,9 +196,9 @@ class DistillConfig:
     """``sdd``: match the student's conditional to its own unconditional on EMA-teacher samples;
     ``esd``: match a frozen copy's negatively guided prediction."""
     concept_prompts: list[str] = field(default_factory=lambda: ["{token}"])
-    """Prompts naming the concept to erase, cycled; ``{token}`` becomes the HFI token, ``{concept}`` the concept's name."""
+    """Prompts naming the concept to erase, cycled; ``{token}``: the HFI token, ``{concept}``: the concept's name."""
     use_token: bool = True
-    """Whether ``{token}`` may appear (HFI); without a token only text prompts are used (text-only removal)."""
+    """Whether ``{token}`` may appear (HFI); without it only text prompts are used (text-only removal)."""
     trainable: Literal["attn2", "attn", "all"] = "attn2"
     """Which UNet parameters train: cross-attention (SDD's default), all attention, or all."""
     steps: int = 1500

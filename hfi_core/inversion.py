@@ -1,6 +1,7 @@
 """Human Feedback Inversion: the soft token v* for the concept as people judge it (METHOD.md stage 4).
 
-    v* = argmin_v  sum_i w_i * E_{t, eps} || eps - eps_theta(sqrt(abar_t) z_i + sqrt(1 - abar_t) eps, t, tau(prompt(v))) ||^2
+    v* = argmin_v  sum_i w_i * E_{t,eps} || eps - eps_theta(z_{i,t}, t, tau(prompt(v))) ||^2,
+    z_{i,t} = sqrt(abar_t) z_i + sqrt(1 - abar_t) eps
 
 over the model's own samples x_i for the concept prompts, z_i their VAE latents and w_i their
 rewards (clipped at 0, normalised to mean 1; ``top_k`` keeps only the K highest). Textual
