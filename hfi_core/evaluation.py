@@ -1,0 +1,205 @@
+"""Evaluate a model variant on the run's prompt groups with fixed seeds (METHOD.md stage 7).
+
+A *variant* is the base model, optionally with a fine-tuned UNet (folder or delta), an HFI token,
+or an inference-time method (negative prompt; SLD weak/medium/strong/max). For every prompt group
+it reports:
+
+- ``clip_concept_rate``: share of images nearer (CLIP cosine) to ``concept.clip_texts`` than to
+  ``concept.neutral_texts``;
+- ``clip_score``: mean cosine between each image and its prompt;
+- ``drift``: mean absolute pixel difference (0..1) from the base model's image for the same
+  prompt and seed (when base images are given);
+- on toy-world models, the oracle's style shares and shape/colour accuracy.
+
+Every metric block names its evaluator (model path and the sha256 of its weights), because
+numbers from different evaluators do not compare.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+
+from hfi_core.config import RunConfig
+from hfi_core.distill.outputs import apply_delta
+from hfi_core.embeddings import image_embeddings, text_embeddings
+from hfi_core.models import load_clip, load_sd_pipeline
+
+Inference = Literal["none", "negative_prompt", "sld-weak", "sld-medium", "sld-strong", "sld-max"]
+
+
+@dataclass
+class Variant:
+    """One model to evaluate."""
+
+    name: str
+    """Label in tables and grids (``sd``, ``hfi+sdd``, ``sld-max``...)."""
+    unet: str | None = None
+    """A fine-tuned UNet folder replacing the base UNet."""
+    delta: str | None = None
+    """Or a delta (``delta.safetensors``) applied onto the base UNet."""
+    token_dir: str | None = None
+    """A textual-inversion folder to load (prompts may then use its token)."""
+    inference: Inference = "none"
+    """An inference-time method on top."""
+    negative_prompt: str | None = None
+    """The negative prompt for ``inference: negative_prompt``."""
+    safety_concept: str | None = None
+    """SLD's concept text; default: the run's ``concept.clip_texts`` joined."""
+
+
+def weights_sha256(folder: str | Path) -> str:
+    """sha256 over a model folder's weight files (safetensors/bin/onnx), for evaluator identity."""
+    h = hashlib.sha256()
+    for p in sorted(Path(folder).rglob("*")):
+        if p.suffix in (".safetensors", ".bin", ".onnx"):
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def load_variant(cfg: RunConfig, v: Variant, scheduler: str):
+    """The pipeline of a variant and the extra call arguments its inference method needs."""
+    from diffusers import StableDiffusionPipelineSafe, UNet2DConditionModel
+
+    pipe = load_sd_pipeline(cfg.model, scheduler)
+    if v.unet:
+        pipe.unet = UNet2DConditionModel.from_pretrained(v.unet).to(pipe.device, pipe.unet.dtype)
+    if v.delta:
+        apply_delta(pipe.unet, Path(v.delta))
+    if v.token_dir:
+        pipe.load_textual_inversion(v.token_dir)
+    kwargs: dict[str, Any] = {}
+    if v.inference == "negative_prompt":
+        kwargs["negative_prompt"] = v.negative_prompt or cfg.concept.name
+    elif v.inference.startswith("sld-"):
+        from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
+
+        safe = StableDiffusionPipelineSafe(**{**pipe.components, "safety_checker": None}, requires_safety_checker=False)
+        safe.safety_concept = v.safety_concept or ", ".join(cfg.concept.clip_texts or [cfg.concept.name])
+        safe.set_progress_bar_config(disable=True)
+        kwargs.update(getattr(SafetyConfig, v.inference.split("-")[1].upper()))
+        pipe = safe
+    return pipe, kwargs
+
+
+def eval_plan(cfg: RunConfig, n_per_prompt: int, seed: int) -> list[tuple[str, str, int]]:
+    """(group, prompt, seed) for every evaluation image; seeds ``seed..seed+n-1`` for every prompt."""
+    return [(ps.group, p, seed + j) for ps in cfg.prompts for p in ps.prompts for j in range(n_per_prompt)]
+
+
+@torch.no_grad()
+def draw(pipe, plan: list[tuple[str, str, int]], cfg: RunConfig, kwargs: dict, batch_size: int) -> np.ndarray:
+    """Images of the plan, uint8 (N, H, W, 3); image i depends only on its prompt and seed."""
+    g, out = cfg.generation, []
+    for i in range(0, len(plan), batch_size):
+        chunk = plan[i : i + batch_size]
+        extra = dict(kwargs)
+        if "negative_prompt" in extra:
+            extra["negative_prompt"] = [extra["negative_prompt"]] * len(chunk)
+        images = pipe(
+            [p for _, p, _ in chunk],
+            generator=[torch.Generator(pipe.device).manual_seed(s) for _, _, s in chunk],
+            num_inference_steps=g.steps,
+            guidance_scale=g.guidance,
+            height=g.height,
+            width=g.width,
+            output_type="np",
+            **extra,
+        ).images
+        out.append(np.round(np.asarray(images) * 255).clip(0, 255).astype(np.uint8))
+    return np.concatenate(out)
+
+
+def _oracle_metrics(oracle_dir: str, images: np.ndarray, prompts: list[str]) -> dict[str, float]:
+    from hfi_core.toyworld.oracle import ATTRIBUTES, Oracle
+
+    pred = Oracle.from_pretrained(oracle_dir).eval().predict(images)
+    out = {s: float(np.mean([p == s for p in pred["style"]])) for s in ATTRIBUTES["style"]}
+    for attr in ("shape", "color"):
+        expected = [next((w for w in p.split() if w in ATTRIBUTES[attr]), None) for p in prompts]
+        hits = [p == e for p, e in zip(pred[attr], expected, strict=True) if e is not None]
+        if hits:
+            out[f"{attr}_acc"] = float(np.mean(hits))
+    return out
+
+
+def evaluate(
+    cfg: RunConfig,
+    variant: Variant,
+    out: Path,
+    *,
+    n_per_prompt: int = 4,
+    seed: int = 1_000_000,
+    clip_path: str | None = None,
+    oracle_dir: str | None = None,
+    base_images: np.ndarray | None = None,
+    batch_size: int = 64,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """Measure ``variant``; writes ``metrics.json`` and ``grid.png`` under ``out``.
+
+    Returns ``(metrics, images)``; pass the base variant's images as ``base_images`` of the others
+    to get their drift.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    pipe, kwargs = load_variant(cfg, variant, cfg.generation.scheduler)
+    plan = eval_plan(cfg, n_per_prompt, seed)
+    images = draw(pipe, plan, cfg, kwargs, batch_size)
+    clip_path = clip_path or cfg.reward.clip
+    clip, processor = load_clip(clip_path)
+    img_emb = image_embeddings(clip, processor, images)  # (N, D)
+    prompt_emb = text_embeddings(clip, processor, [p for _, p, _ in plan])  # (N, D)
+    concept = text_embeddings(clip, processor, cfg.concept.clip_texts or [cfg.concept.name])
+    neutral = text_embeddings(clip, processor, cfg.concept.neutral_texts or ["a picture"])
+    shows = (img_emb @ concept.T).max(1).values > (img_emb @ neutral.T).max(1).values  # (N,)
+    groups: dict[str, dict[str, float]] = {}
+    for group in dict.fromkeys(g for g, _, _ in plan):
+        idx = np.array([i for i, (g, _, _) in enumerate(plan) if g == group])
+        m = {
+            "n": len(idx),
+            "clip_concept_rate": float(shows[idx].float().mean()),
+            "clip_score": float((img_emb[idx] * prompt_emb[idx]).sum(-1).mean()),
+        }
+        if base_images is not None:
+            m["drift"] = float(
+                np.abs(images[idx].astype(np.float32) - base_images[idx].astype(np.float32)).mean() / 255
+            )
+        if oracle_dir:
+            m |= {
+                f"oracle_{k}": v for k, v in _oracle_metrics(oracle_dir, images[idx], [plan[i][1] for i in idx]).items()
+            }
+        groups[group] = m
+    metrics = {
+        "variant": asdict(variant),
+        "groups": groups,
+        "settings": {"n_per_prompt": n_per_prompt, "seed": seed, **asdict(cfg.generation)},
+        "evaluators": {
+            "clip": {"path": clip_path, "weights_sha256": weights_sha256(clip_path), "concept_texts": cfg.concept.clip_texts,
+                     "neutral_texts": cfg.concept.neutral_texts},
+            **({"oracle": {"path": oracle_dir, "weights_sha256": weights_sha256(oracle_dir)}} if oracle_dir else {}),
+            "drift": "mean |pixel - base pixel| / 255, same prompt and seed",
+        },
+    }  # fmt: skip
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    save_grid(images, plan, out / "grid.png")
+    return metrics, images
+
+
+def save_grid(images: np.ndarray, plan: list[tuple[str, str, int]], path: Path, per_group: int = 12) -> None:
+    """One row per prompt group, its first ``per_group`` images, upscaled for small worlds."""
+    rows = []
+    for group in dict.fromkeys(g for g, _, _ in plan):
+        idx = [i for i, (g, _, _) in enumerate(plan) if g == group][:per_group]
+        row = np.concatenate([images[i] for i in idx], axis=1)
+        pad = per_group * images.shape[2] - row.shape[1]
+        rows.append(np.pad(row, ((0, 0), (0, pad), (0, 0))))
+    grid = np.concatenate(rows, axis=0)
+    scale = max(1, 96 // images.shape[1])
+    Image.fromarray(grid).resize((grid.shape[1] * scale, grid.shape[0] * scale), Image.NEAREST).save(path)
