@@ -176,17 +176,23 @@ def evaluate(
                 f"oracle_{k}": v for k, v in _oracle_metrics(oracle_dir, images[idx], [plan[i][1] for i in idx]).items()
             }
         groups[group] = m
+    evaluators: dict[str, Any] = {
+        "clip": {
+            "path": clip_path,
+            "weights_sha256": weights_sha256(clip_path),
+            "concept_texts": cfg.concept.clip_texts,
+            "neutral_texts": cfg.concept.neutral_texts,
+        },
+        "drift": "mean |pixel - base pixel| / 255, same prompt and seed",
+    }
+    if oracle_dir:
+        evaluators["oracle"] = {"path": oracle_dir, "weights_sha256": weights_sha256(oracle_dir)}
     metrics = {
         "variant": asdict(variant),
         "groups": groups,
         "settings": {"n_per_prompt": n_per_prompt, "seed": seed, **asdict(cfg.generation)},
-        "evaluators": {
-            "clip": {"path": clip_path, "weights_sha256": weights_sha256(clip_path), "concept_texts": cfg.concept.clip_texts,
-                     "neutral_texts": cfg.concept.neutral_texts},
-            **({"oracle": {"path": oracle_dir, "weights_sha256": weights_sha256(oracle_dir)}} if oracle_dir else {}),
-            "drift": "mean |pixel - base pixel| / 255, same prompt and seed",
-        },
-    }  # fmt: skip
+        "evaluators": evaluators,
+    }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     save_grid(images, plan, out / "grid.png")
     return metrics, images
