@@ -230,6 +230,26 @@ class DistillConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    """How models are measured (the same seeds for every variant)."""
+
+    n_per_prompt: int = 4
+    """Evaluation images per prompt."""
+    seed: int = 1_000_000
+    """First evaluation seed (kept apart from generation seeds, which trained the reward and v*)."""
+    clip: str = ""
+    """CLIP for concept rate and CLIP score; empty: ``reward.clip``."""
+    oracle: str = ""
+    """A toy-world oracle to judge with (``toyworld:oracle``); empty: none."""
+    baselines: list[Literal["negative_prompt", "sld-weak", "sld-medium", "sld-strong", "sld-max"]] = field(
+        default_factory=list
+    )
+    """Inference-time baselines to measure beside base and distilled."""
+    negative_prompt: str = ""
+    """Text of the negative-prompt baseline; empty: the concept's name."""
+
+
+@dataclass
 class RunConfig:
     """One concept-removal run."""
 
@@ -251,6 +271,8 @@ class RunConfig:
     """HFI inversion settings."""
     distill: DistillConfig = field(default_factory=DistillConfig)
     """Erasure fine-tuning settings."""
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    """Evaluation settings."""
 
     def __post_init__(self) -> None:
         if not any(p.group.startswith("target") for p in self.prompts):
@@ -342,6 +364,9 @@ def load_config(path: str | Path) -> RunConfig:
     cfg.model.path = resolve_model_path(cfg.model.path, base)
     cfg.reward.clip = resolve_model_path(cfg.reward.clip, base)
     cfg.feedback.simulate.oracle = resolve_model_path(cfg.feedback.simulate.oracle, base)
+    cfg.evaluate.clip = resolve_model_path(cfg.evaluate.clip or cfg.reward.clip, base)
+    if cfg.evaluate.oracle:
+        cfg.evaluate.oracle = resolve_model_path(cfg.evaluate.oracle, base)
     cfg.feedback.files = [str((base / f).resolve()) if not Path(f).is_absolute() else f for f in cfg.feedback.files]
     return cfg
 
