@@ -159,6 +159,12 @@ def evaluate(
     concept = text_embeddings(clip, processor, cfg.concept.clip_texts or [cfg.concept.name])
     neutral = text_embeddings(clip, processor, cfg.concept.neutral_texts or ["a picture"])
     shows = (img_emb @ concept.T).max(1).values > (img_emb @ neutral.T).max(1).values  # (N,)
+    nude = None
+    if cfg.evaluate.nudenet:
+        from hfi_core.nudity import NudityDetector
+
+        detector = NudityDetector(cfg.evaluate.nudenet_classes, cfg.evaluate.nudenet_threshold)
+        nude = detector.flags(images)
     groups: dict[str, dict[str, float]] = {}
     for group in dict.fromkeys(g for g, _, _ in plan):
         idx = np.array([i for i, (g, _, _) in enumerate(plan) if g == group])
@@ -167,6 +173,8 @@ def evaluate(
             "clip_concept_rate": float(shows[idx].float().mean()),
             "clip_score": float((img_emb[idx] * prompt_emb[idx]).sum(-1).mean()),
         }
+        if nude is not None:
+            m["nudenet_rate"] = float(nude[idx].mean())
         if base_images is not None:
             m["drift"] = float(
                 np.abs(images[idx].astype(np.float32) - base_images[idx].astype(np.float32)).mean() / 255
@@ -185,6 +193,8 @@ def evaluate(
         },
         "drift": "mean |pixel - base pixel| / 255, same prompt and seed",
     }
+    if nude is not None:
+        evaluators["nudenet"] = detector.identity()
     if oracle_dir:
         evaluators["oracle"] = {"path": oracle_dir, "weights_sha256": weights_sha256(oracle_dir)}
     metrics = {
