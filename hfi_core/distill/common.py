@@ -16,7 +16,9 @@ import copy
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -113,6 +115,46 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.T
         prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids.to(pipe.text_encoder.device)
     return pipe.text_encoder(ids)[0]
+
+
+@dataclass
+class Setup:
+    """Everything an erasure loop needs before its first step (shared by SDD and ESD)."""
+
+    trainable: list[tuple[str, nn.Parameter]]
+    opt: torch.optim.Optimizer
+    sched: DDIMScheduler
+    cond_all: torch.Tensor  # (P, L, D): one embedding per concept prompt, cycled
+    uncond: torch.Tensor  # (B, L, D)
+    latent_shape: tuple[int, int, int, int]  # (B, C, H, W)
+    rng: np.random.Generator  # trajectory positions
+    gen: torch.Generator  # noise
+
+    @property
+    def names(self) -> list[str]:
+        return [n for n, _ in self.trainable]
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        return [p for _, p in self.trainable]
+
+
+def prepare(pipe: StableDiffusionPipeline, cfg: Any, concept_prompts: list[str]) -> Setup:
+    """Freeze all but the trainable parameters, build AdamW, DDIM, prompt embeddings and RNGs."""
+    unet = pipe.unet
+    unet.train()
+    trainable = select_trainable(unet, cfg.trainable)
+    size = unet.config.sample_size
+    return Setup(
+        trainable=trainable,
+        opt=torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay),
+        sched=ddim_scheduler(pipe, cfg.sampler_steps),
+        cond_all=encode_prompts(pipe, concept_prompts),
+        uncond=encode_prompts(pipe, [""]).expand(cfg.batch_size, -1, -1),
+        latent_shape=(cfg.batch_size, unet.config.in_channels, size, size),
+        rng=np.random.default_rng(cfg.seed),
+        gen=torch.Generator().manual_seed(cfg.seed),
+    )
 
 
 def cycle(items: list) -> Iterator:

@@ -14,22 +14,13 @@ from __future__ import annotations
 import copy
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from hfi_core.config import DistillConfig
-from hfi_core.distill.common import (
-    ddim_scheduler,
-    encode_prompts,
-    load_checkpoint,
-    run_trajectory,
-    sample_step_index,
-    save_checkpoint,
-    select_trainable,
-)
+from hfi_core.distill.common import load_checkpoint, prepare, run_trajectory, sample_step_index, save_checkpoint
 
 
 @torch.no_grad()
@@ -61,18 +52,10 @@ def train_esd(
     """
     unet = pipe.unet
     frozen = copy.deepcopy(unet).eval().requires_grad_(False)
-    unet.train()
-    trainable = select_trainable(unet, cfg.trainable)
-    names = [n for n, _ in trainable]
-    opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = ddim_scheduler(pipe, cfg.sampler_steps)
-    cond_all = encode_prompts(pipe, concept_prompts)  # (P, L, D)
-    uncond = encode_prompts(pipe, [""]).expand(cfg.batch_size, -1, -1)  # (B, L, D)
-    latent_shape = (cfg.batch_size, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    s = prepare(pipe, cfg, concept_prompts)
+    names = s.names
     start, ckpt = 0, Path(work) / "checkpoint"
-    if resume and (restored := load_checkpoint(ckpt, opt, rng, gen)) is not None:
+    if resume and (restored := load_checkpoint(ckpt, s.opt, s.rng, s.gen)) is not None:
         start, params = restored
         current = dict(unet.named_parameters())
         with torch.no_grad():
@@ -81,18 +64,22 @@ def train_esd(
 
     losses = []
     for step in tqdm(range(start, cfg.steps), desc="esd", initial=start, total=cfg.steps, disable=not show_progress):
-        cond = cond_all[step % len(cond_all)].expand(cfg.batch_size, -1, -1)
-        k = sample_step_index(cfg.sampler_steps, rng, cfg.timestep_alpha, cfg.timestep_beta)
-        x_t, t = run_trajectory(unet, sched, cond, uncond, k, cfg.guidance, latent_shape, gen)  # the model in training
-        target = esd_target(frozen, x_t, t, cond, uncond, cfg.esd_eta)
+        cond = s.cond_all[step % len(s.cond_all)].expand(cfg.batch_size, -1, -1)
+        k = sample_step_index(cfg.sampler_steps, s.rng, cfg.timestep_alpha, cfg.timestep_beta)
+        x_t, t = run_trajectory(
+            unet, s.sched, cond, s.uncond, k, cfg.guidance, s.latent_shape, s.gen
+        )  # model in training
+        target = esd_target(frozen, x_t, t, cond, s.uncond, cfg.esd_eta)
         loss = F.mse_loss(unet(x_t, t, cond).sample.float(), target.float())
-        opt.zero_grad(set_to_none=True)
+        s.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip)
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip)
+        s.opt.step()
         losses.append(loss.item())
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             current = dict(unet.named_parameters())
-            save_checkpoint(ckpt, step + 1, {f"student.{n}": current[n].detach().clone() for n in names}, opt, rng, gen)
+            save_checkpoint(
+                ckpt, step + 1, {f"student.{n}": current[n].detach().clone() for n in names}, s.opt, s.rng, s.gen
+            )
     unet.eval()
     return unet, names, losses

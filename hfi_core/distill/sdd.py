@@ -16,7 +16,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
@@ -25,13 +24,11 @@ from tqdm.auto import tqdm
 from hfi_core.config import DistillConfig
 from hfi_core.distill.common import (
     EMA,
-    ddim_scheduler,
-    encode_prompts,
     load_checkpoint,
+    prepare,
     run_trajectory,
     sample_step_index,
     save_checkpoint,
-    select_trainable,
 )
 
 
@@ -66,19 +63,11 @@ def train_sdd(
         trained, and the loss of every step run by this call.
     """
     unet = pipe.unet
-    unet.train()
-    trainable = select_trainable(unet, cfg.trainable)
-    names = [n for n, _ in trainable]
+    s = prepare(pipe, cfg, concept_prompts)
+    names = s.names
     ema = EMA(unet, names, cfg.ema_decay)
-    opt = torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = ddim_scheduler(pipe, cfg.sampler_steps)
-    cond_all = encode_prompts(pipe, concept_prompts)  # (P, L, D)
-    uncond = encode_prompts(pipe, [""]).expand(cfg.batch_size, -1, -1)  # (B, L, D)
-    latent_shape = (cfg.batch_size, unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
-    rng = np.random.default_rng(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
     start, ckpt = 0, Path(work) / "checkpoint"
-    if resume and (restored := load_checkpoint(ckpt, opt, rng, gen)) is not None:
+    if resume and (restored := load_checkpoint(ckpt, s.opt, s.rng, s.gen)) is not None:
         start, params = restored
         student, teacher = dict(unet.named_parameters()), dict(ema.teacher.named_parameters())
         with torch.no_grad():
@@ -88,20 +77,20 @@ def train_sdd(
 
     losses = []
     for step in tqdm(range(start, cfg.steps), desc="sdd", initial=start, total=cfg.steps, disable=not show_progress):
-        cond = cond_all[step % len(cond_all)].expand(cfg.batch_size, -1, -1)  # concepts cycle with the step
-        k = sample_step_index(cfg.sampler_steps, rng, cfg.timestep_alpha, cfg.timestep_beta)
-        x_t, t = run_trajectory(ema.teacher, sched, cond, uncond, k, cfg.guidance, latent_shape, gen)
-        loss = sdd_loss(unet, x_t, t, cond, uncond)
-        opt.zero_grad(set_to_none=True)
+        cond = s.cond_all[step % len(s.cond_all)].expand(cfg.batch_size, -1, -1)  # concepts cycle with the step
+        k = sample_step_index(cfg.sampler_steps, s.rng, cfg.timestep_alpha, cfg.timestep_beta)
+        x_t, t = run_trajectory(ema.teacher, s.sched, cond, s.uncond, k, cfg.guidance, s.latent_shape, s.gen)
+        loss = sdd_loss(unet, x_t, t, cond, s.uncond)
+        s.opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_([p for _, p in trainable], cfg.grad_clip)
-        opt.step()
+        torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip)
+        s.opt.step()
         ema.update()
         losses.append(loss.item())
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             student, teacher = dict(unet.named_parameters()), dict(ema.teacher.named_parameters())
             params = {f"student.{n}": student[n].detach().clone() for n in names}
             params |= {f"teacher.{n}": teacher[n].detach().clone() for n in names}
-            save_checkpoint(ckpt, step + 1, params, opt, rng, gen)
+            save_checkpoint(ckpt, step + 1, params, s.opt, s.rng, s.gen)
     unet.eval()
     return ema.teacher, names, losses

@@ -20,53 +20,21 @@ from tasks.cli import main as hfi
 CONFIG = str(Path(__file__).parents[2] / "configs" / "toyworld-striped.yaml")
 
 
+def ok(*args: object) -> None:
+    """Run one `hfi` command as a user would; it must succeed."""
+    assert hfi([str(a) for a in args]) == 0, args
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, world):
     root = tmp_path_factory.mktemp("run")
-    assert hfi(["generate", "--config", CONFIG, "--out", str(root / "generate"), "--quiet"]) == 0
+    ok("generate", "--config", CONFIG, "--out", str(root / "generate"), "--quiet")
     m = str(root / "generate" / "manifest.parquet")
-    assert (
-        hfi(["feedback", "export", "--manifest", m, "--config", CONFIG, "--out", str(root / "ls" / "tasks.json")]) == 0
-    )
-    assert (
-        hfi(["feedback", "simulate", "--manifest", m, "--config", CONFIG, "--out", str(root / "ls" / "export.json")])
-        == 0
-    )
+    ok("feedback", "export", "--manifest", m, "--config", CONFIG, "--out", str(root / "ls" / "tasks.json"))
+    ok("feedback", "simulate", "--manifest", m, "--config", CONFIG, "--out", str(root / "ls" / "export.json"))
     src = str(root / "ls" / "export.json")
-    assert (
-        hfi(
-            [
-                "feedback",
-                "ingest",
-                "--manifest",
-                m,
-                "--config",
-                CONFIG,
-                "--source",
-                src,
-                "--out",
-                str(root / "feedback"),
-            ]
-        )
-        == 0
-    )
-    assert (
-        hfi(
-            [
-                "reward",
-                "train",
-                "--manifest",
-                m,
-                "--config",
-                CONFIG,
-                "--labels",
-                str(root / "feedback"),
-                "--out",
-                str(root / "reward"),
-            ]
-        )
-        == 0
-    )
+    ok("feedback", "ingest", "--manifest", m, "--config", CONFIG, "--source", src, "--out", str(root / "feedback"))
+    ok("reward", "train", "--manifest", m, "--config", CONFIG, "--labels", str(root / "feedback"), "--out", str(root / "reward"))  # fmt: skip
     return root
 
 
@@ -113,7 +81,7 @@ def test_retraining_with_ten_percent_new_labels_embeds_only_the_new_images(run, 
         group["images_per_prompt"] = 2 if k == 0 else 1  # 18 + 4 x 9 = 54
     night2 = tmp_path / "night2.yaml"
     night2.write_text(yaml.safe_dump(cfg))
-    assert hfi(["generate", "--config", str(night2), "--out", str(tmp_path / "gen"), "--quiet"]) == 0
+    ok("generate", "--config", str(night2), "--out", str(tmp_path / "gen"), "--quiet")
     new = pd.read_parquet(tmp_path / "gen" / "manifest.parquet")
     assert len(new) == 54
     for uri in new.uri:
@@ -122,60 +90,23 @@ def test_retraining_with_ten_percent_new_labels_embeds_only_the_new_images(run, 
     pd.concat([pd.read_parquet(run / "generate" / "manifest.parquet"), new], ignore_index=True).to_parquet(both)
 
     export = tmp_path / "night2_export.json"
-    assert (
-        hfi(
-            [
-                "feedback",
-                "simulate",
-                "--manifest",
-                str(tmp_path / "gen" / "manifest.parquet"),
-                "--config",
-                CONFIG,
-                "--seed",
-                "1",
-                "--out",
-                str(export),
-            ]
-        )
-        == 0
-    )
+    ok("feedback", "simulate", "--manifest", str(tmp_path / "gen" / "manifest.parquet"), "--config", CONFIG, "--seed", "1", "--out", str(export))  # fmt: skip
     tasks = json.loads(export.read_text())
     for t in tasks:  # a second Label Studio project: its annotation ids differ from the first's
         for a in t["annotations"]:
             a["id"] = f"night2-{a['id']}"
     export.write_text(json.dumps(tasks))
     fb = str(run / "feedback")
-    assert (
-        hfi(["feedback", "ingest", "--manifest", str(both), "--config", CONFIG, "--source", str(export), "--out", fb])
-        == 0
-    )
+    ok("feedback", "ingest", "--manifest", str(both), "--config", CONFIG, "--source", str(export), "--out", fb)
     assert len(pd.read_parquet(run / "feedback" / "labels.parquet")) == 594
-    assert (
-        hfi(
-            [
-                "reward",
-                "train",
-                "--manifest",
-                str(both),
-                "--config",
-                CONFIG,
-                "--labels",
-                fb,
-                "--out",
-                str(run / "reward2"),
-            ]
-        )
-        == 0
-    )
+    ok("reward", "train", "--manifest", str(both), "--config", CONFIG, "--labels", fb, "--out", str(run / "reward2"))
     assert json.loads((run / "reward2" / "metrics.json").read_text())["embedded"] == 54
 
 
 def test_reward_score_ranks_striped_images_above_the_rest(run, tmp_path):
     m = run / "generate" / "manifest.parquet"
     out = tmp_path / "scores.parquet"
-    assert (
-        hfi(["reward", "score", "--model", str(run / "reward" / "model"), "--manifest", str(m), "--out", str(out)]) == 0
-    )
+    ok("reward", "score", "--model", str(run / "reward" / "model"), "--manifest", str(m), "--out", str(out))
     scores = pd.read_parquet(out).merge(pd.read_parquet(run / "feedback" / "labels.parquet"), on="image_id")
     assert len(scores) == 540
     assert scores[scores.majority == 1].reward.mean() > scores[scores.majority == 0].reward.mean() + 0.5
@@ -184,50 +115,14 @@ def test_reward_score_ranks_striped_images_above_the_rest(run, tmp_path):
 def test_ranking_feedback_trains_a_reward_that_orders_held_out_pairs(run, tmp_path):
     m = str(run / "generate" / "manifest.parquet")
     export = str(tmp_path / "ranking.json")
-    assert hfi(["feedback", "simulate", "--manifest", m, "--config", CONFIG, "--kind", "ranking", "--out", export]) == 0
+    ok("feedback", "simulate", "--manifest", m, "--config", CONFIG, "--kind", "ranking", "--out", export)
     fb = str(tmp_path / "fb")
-    assert (
-        hfi(
-            [
-                "feedback",
-                "ingest",
-                "--manifest",
-                m,
-                "--config",
-                CONFIG,
-                "--kind",
-                "ranking",
-                "--source",
-                export,
-                "--out",
-                fb,
-            ]
-        )
-        == 0
-    )
+    ok("feedback", "ingest", "--manifest", m, "--config", CONFIG, "--kind", "ranking", "--source", export, "--out", fb)
     pairs = pd.read_parquet(tmp_path / "fb" / "pairs.parquet")
     assert len(pairs) == 135 * 3 * 6  # 45 prompts x 3 tasks of 4 images, 3 annotators, 6 pairs each
     out = tmp_path / "reward"
     cache = str(run / "embedding_cache")
-    assert (
-        hfi(
-            [
-                "reward",
-                "train",
-                "--manifest",
-                m,
-                "--config",
-                CONFIG,
-                "--labels",
-                fb,
-                "--cache",
-                cache,
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    ok("reward", "train", "--manifest", m, "--config", CONFIG, "--labels", fb, "--cache", cache, "--out", str(out))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["kind"] == "ranking" and metrics["embedded"] == 0  # every image was cached already
     assert metrics["holdout_pair_accuracy"] >= 0.7
