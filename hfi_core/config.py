@@ -201,8 +201,10 @@ class DistillConfig:
     """Prompts naming the concept to erase, cycled; ``{token}``: the HFI token, ``{concept}``: the concept's name."""
     use_token: bool = True
     """Whether ``{token}`` may appear (HFI); without it only text prompts are used (text-only removal)."""
-    trainable: Literal["attn2", "attn", "all"] = "attn2"
-    """Which UNet parameters train: cross-attention (SDD's default), all attention, or all."""
+    trainable: Literal["attn2", "attn", "all", "lora"] = "attn2"
+    """Which UNet parameters train: cross-attention (SDD default), all attention, all, or a LoRA on cross-attention."""
+    lora_rank: int = 4
+    """Rank of the LoRA when ``trainable: lora``."""
     steps: int = 1500
     """Optimiser steps (batch ``batch_size``)."""
     batch_size: int = 1

@@ -176,6 +176,11 @@ def stage_distill(cfg: RunConfig, run: Path, *, resume: bool = False, show_progr
     t0 = time.time()
     unet, names, losses = train(pipe, dc, prompts, out, resume=resume, show_progress=show_progress)
     seconds = time.time() - t0
+    if dc.trainable == "lora":
+        from hfi_core.distill.common import merge_lora
+
+        unet.save_lora_adapter(str(out / "lora"))  # the adapter itself, for load_lora_adapter
+        unet, names = merge_lora(unet)
     card = {
         "name": cfg.name,
         "concept": cfg.concept.name,

@@ -72,9 +72,21 @@ def run_trajectory(
     return x, t_label
 
 
-def select_trainable(unet: UNet2DConditionModel, which: str) -> list[tuple[str, nn.Parameter]]:
+LORA_TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
+
+
+def select_trainable(unet: UNet2DConditionModel, which: str, lora_rank: int = 4) -> list[tuple[str, nn.Parameter]]:
     """Freeze the UNet except ``which``: ``attn2`` (cross-attention, SDD's default, ~5% of SD's
-    UNet), ``attn`` (all attention) or ``all``. Returns the trainable (name, parameter) pairs."""
+    UNet), ``attn`` (all attention), ``all``, or ``lora`` (a peft LoRA added on cross-attention,
+    whose A/B matrices alone train). Returns the trainable (name, parameter) pairs."""
+    if which == "lora":
+        from peft import LoraConfig
+
+        unet.requires_grad_(False)
+        unet.add_adapter(
+            LoraConfig(r=lora_rank, lora_alpha=lora_rank, init_lora_weights="gaussian", target_modules=LORA_TARGETS)
+        )
+        return [(n, p) for n, p in unet.named_parameters() if "lora_" in n and p.requires_grad]
     chosen = []
     for name, p in unet.named_parameters():
         keep = which == "all" or (which == "attn2" and ".attn2." in name) or (which == "attn" and ".attn" in name)
@@ -143,7 +155,7 @@ def prepare(pipe: StableDiffusionPipeline, cfg: Any, concept_prompts: list[str])
     """Freeze all but the trainable parameters, build AdamW, DDIM, prompt embeddings and RNGs."""
     unet = pipe.unet
     unet.train()
-    trainable = select_trainable(unet, cfg.trainable)
+    trainable = select_trainable(unet, cfg.trainable, getattr(cfg, "lora_rank", 4))
     size = unet.config.sample_size
     return Setup(
         trainable=trainable,
@@ -155,6 +167,21 @@ def prepare(pipe: StableDiffusionPipeline, cfg: Any, concept_prompts: list[str])
         rng=np.random.default_rng(cfg.seed),
         gen=torch.Generator().manual_seed(cfg.seed),
     )
+
+
+def merge_lora(unet: UNet2DConditionModel) -> tuple[UNet2DConditionModel, list[str]]:
+    """A plain UNet (no adapter) with the LoRA fused in, and the names of the weights it changed.
+
+    diffusers' ``unload_lora`` after ``fuse_lora`` drops the fused weights again, so the fused
+    base weights are copied into a fresh UNet of the same config instead.
+    """
+    fused = copy.deepcopy(unet)
+    fused.fuse_lora()
+    state = {k.replace(".base_layer", ""): v for k, v in fused.state_dict().items() if "lora_" not in k}
+    plain = UNet2DConditionModel.from_config(unet.config)
+    plain.load_state_dict(state)
+    changed = sorted({n.split(".lora_")[0] + ".weight" for n, _ in unet.named_parameters() if "lora_" in n})
+    return plain.to(unet.device, unet.dtype).eval(), changed
 
 
 def cycle(items: list) -> Iterator:

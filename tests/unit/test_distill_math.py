@@ -157,3 +157,18 @@ def test_training_killed_at_step_k_and_resumed_ends_with_the_same_weights(base_p
     a, b = straight.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[n], b[n]) for n in a)
     assert not all(torch.equal(a[n], base_pipe.unet.state_dict()[n]) for n in names)  # it did train
+
+
+def test_lora_trains_only_adapter_matrices_and_merges_into_a_plain_unet_with_the_same_output(base_pipe, tmp_path):
+    from hfi_core.distill.common import merge_lora
+
+    pipe = copy.deepcopy(base_pipe)
+    cfg = DistillConfig(steps=3, lr=1e-2, sampler_steps=4, trainable="lora", lora_rank=2, checkpoint_every=0)
+    teacher, names, _ = train_sdd(pipe, cfg, ["a red circle in the style of van stripe"], tmp_path, show_progress=False)
+    assert names and all("lora_" in n for n in names)
+    plain, changed = merge_lora(teacher)
+    assert not any("lora" in n for n in plain.state_dict()) and all(".attn2." in n for n in changed)
+    x, t, c = torch.randn(1, 4, 16, 16), torch.tensor([300]), encode_prompts(pipe, ["a blue square"])
+    with torch.no_grad():
+        assert torch.allclose(plain(x, t, c).sample, teacher(x, t, c).sample, atol=1e-5)
+        assert not torch.allclose(plain(x, t, c).sample, base_pipe.unet(x, t, c).sample, atol=1e-5)
