@@ -1,0 +1,210 @@
+"""The run store: a local folder or an ``s3://bucket/prefix``, behind one small interface.
+
+This is the only module that talks to S3 (boto3). Stages compute in a local folder; the store
+moves their inputs in and outputs out, and a stage counts as done only when its ``_SUCCESS``
+marker exists, written last and holding the hashes of its inputs and outputs::
+
+    <run>/<stage>/...            the stage's files
+    <run>/<stage>/_SUCCESS       {"inputs": {...sha256...}, "outputs": {...sha256...}, "finished_at": ...}
+
+A stage that dies leaves no marker, so nothing half-written is ever taken as complete; a retry
+whose marker lists the same input hashes is skipped. On S3 every object is written whole by a
+single PUT (multipart for large files, completed atomically), so readers never see a torn file.
+
+Credentials are never passed in code: boto3 reads them from the environment, its config files or
+an instance/pod role (Airflow connections export them into the task's environment).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+SUCCESS = "_SUCCESS"
+
+
+@dataclass(frozen=True)
+class S3Settings:
+    """How to reach S3 (or MinIO, moto...). Nothing secret: credentials come from the environment."""
+
+    endpoint_url: str | None = None
+    """e.g. ``http://127.0.0.1:9000`` for MinIO; ``None``: AWS."""
+    region: str | None = None
+    max_attempts: int = 5
+    """botocore retries (adaptive mode backs off exponentially)."""
+    multipart_threshold_mb: int = 64
+    """Files larger than this upload in parts."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def tree_hashes(folder: Path) -> dict[str, str]:
+    """sha256 of every file under ``folder`` (relative POSIX paths), markers excluded."""
+    folder = Path(folder)
+    return {
+        p.relative_to(folder).as_posix(): sha256_file(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != SUCCESS and not p.name.startswith(".")
+    }
+
+
+class Store:
+    """A run store rooted at a URI. ``Store.open("s3://b/p")`` or ``Store.open("/data/runs")``."""
+
+    def __init__(self, root: str) -> None:
+        self.root = root.rstrip("/")
+
+    @staticmethod
+    def open(uri: str, s3: S3Settings | None = None) -> Store:
+        return S3Store(uri, s3 or S3Settings()) if uri.startswith("s3://") else LocalStore(uri)
+
+    # The primitives each backend implements.
+    def read_bytes(self, key: str) -> bytes: ...
+    def write_bytes(self, key: str, data: bytes) -> None: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def upload_file(self, path: Path, key: str) -> None: ...
+    def download_file(self, key: str, path: Path) -> None: ...
+
+    def uri(self, key: str = "") -> str:
+        return f"{self.root}/{key}" if key else self.root
+
+    # Built on the primitives.
+    def upload_dir(self, folder: Path, prefix: str) -> list[str]:
+        """Every file under ``folder`` to ``prefix/...`` (markers and dot-files skipped)."""
+        keys = []
+        for rel in tree_hashes(folder):
+            key = f"{prefix.rstrip('/')}/{rel}"
+            self.upload_file(Path(folder) / rel, key)
+            keys.append(key)
+        return keys
+
+    def download_dir(self, prefix: str, folder: Path) -> int:
+        """Every object under ``prefix/`` into ``folder``; returns how many."""
+        prefix = prefix.rstrip("/") + "/"
+        keys = [k for k in self.list(prefix) if not k.endswith("/" + SUCCESS)]
+        for key in keys:
+            self.download_file(key, Path(folder) / key[len(prefix) :])
+        return len(keys)
+
+    def success(self, stage_prefix: str) -> dict[str, Any] | None:
+        """The stage's marker, or ``None`` when the stage never finished."""
+        key = f"{stage_prefix.rstrip('/')}/{SUCCESS}"
+        return json.loads(self.read_bytes(key)) if self.exists(key) else None
+
+    def mark_success(self, stage_prefix: str, inputs: dict[str, str], outputs: dict[str, str], **extra: Any) -> None:
+        """Write the marker, last: from now on the stage counts as done."""
+        marker = {"inputs": inputs, "outputs": outputs, "finished_at": time.time(), **extra}
+        self.write_bytes(f"{stage_prefix.rstrip('/')}/{SUCCESS}", json.dumps(marker, indent=1).encode())
+
+
+class LocalStore(Store):
+    """A folder on a local or mounted file system; writes go through a temporary file and a rename."""
+
+    def _path(self, key: str) -> Path:
+        path = Path(self.root) / key
+        if ".." in Path(key).parts:
+            raise ValueError(f"store key {key!r} leaves the run store")
+        return path
+
+    def read_bytes(self, key: str) -> bytes:
+        return self._path(key).read_bytes()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).exists()
+
+    def list(self, prefix: str) -> list[str]:
+        base = self._path(prefix)
+        if not base.exists():
+            return []
+        root = Path(self.root)
+        return sorted(p.relative_to(root).as_posix() for p in base.rglob("*") if p.is_file() and ".tmp" not in p.name)
+
+    def upload_file(self, path: Path, key: str) -> None:
+        dest = self._path(key)
+        if Path(path).resolve() == dest.resolve():
+            return
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.tmp")
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, dest)
+
+    def download_file(self, key: str, path: Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(self._path(key), path)
+
+
+class S3Store(Store):
+    """``s3://bucket/prefix`` through boto3, with retries and multipart uploads."""
+
+    def __init__(self, root: str, settings: S3Settings) -> None:
+        import boto3
+        from boto3.s3.transfer import TransferConfig
+        from botocore.config import Config
+
+        super().__init__(root)
+        self.bucket, _, self.prefix = root[len("s3://") :].partition("/")
+        self.prefix = self.prefix.strip("/")
+        self.client = boto3.client(
+            "s3",
+            endpoint_url=settings.endpoint_url,
+            region_name=settings.region,
+            config=Config(retries={"max_attempts": settings.max_attempts, "mode": "adaptive"}),
+        )
+        mb = 1024 * 1024
+        self.transfer = TransferConfig(
+            multipart_threshold=settings.multipart_threshold_mb * mb,
+            multipart_chunksize=max(8, settings.multipart_threshold_mb // 4) * mb,
+        )
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def read_bytes(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+    def write_bytes(self, key: str, data: bytes) -> None:
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            return True
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    def list(self, prefix: str) -> list[str]:
+        out, strip = [], len(self.prefix) + 1 if self.prefix else 0
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
+            out += [obj["Key"][strip:] for obj in page.get("Contents", [])]
+        return sorted(out)
+
+    def upload_file(self, path: Path, key: str) -> None:
+        self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
+
+    def download_file(self, key: str, path: Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.client.download_file(self.bucket, self._key(key), str(path), Config=self.transfer)
