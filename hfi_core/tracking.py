@@ -1,0 +1,167 @@
+"""MLflow: a parent run per pipeline run, a child run per stage, the model registry and its gates.
+
+This is the only module that talks to MLflow. Runs are created through ``MlflowClient`` with an
+explicit ``mlflow.parentRunId`` tag, because steps run in separate processes (containers, pods)
+and ``mlflow.start_run(parent_run_id=...)`` only works while the parent is active in the same
+process. A retried step finds its earlier child by tags and reuses it instead of adding a second.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from mlflow.entities import RunStatus
+from mlflow.tracking import MlflowClient
+
+CHAMPION = "champion"
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested config -> ``{"distill.lr": "1e-05", ...}`` (MLflow params are flat strings, <= 6000 chars)."""
+    out: dict[str, str] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out |= flatten(v, f"{key}.")
+        else:
+            out[key] = json.dumps(v) if isinstance(v, (list, tuple)) else str(v)
+    return {k: v[:6000] for k, v in out.items()}
+
+
+class Tracker:
+    """Parent/child runs in one experiment."""
+
+    def __init__(
+        self, tracking_uri: str, experiment: str, registry_uri: str | None = None, artifact_location: str | None = None
+    ) -> None:
+        self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
+        found = self.client.get_experiment_by_name(experiment)
+        self.experiment_id = (
+            found.experiment_id
+            if found
+            else self.client.create_experiment(experiment, artifact_location=artifact_location)
+        )
+
+    def _find(self, tags: dict[str, str]) -> str | None:
+        query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
+        runs = self.client.search_runs([self.experiment_id], filter_string=query, max_results=5)
+        return runs[0].info.run_id if runs else None
+
+    def parent(self, run_key: str, name: str, params: dict[str, Any], tags: dict[str, str]) -> str:
+        """The parent run of pipeline run ``run_key`` (created once, found again on retries)."""
+        existing = self._find({"hfi.run_key": run_key, "hfi.level": "parent"})
+        if existing:
+            return existing
+        run = self.client.create_run(
+            self.experiment_id, run_name=name, tags={**tags, "hfi.run_key": run_key, "hfi.level": "parent"}
+        )
+        for k, v in flatten(params).items():
+            self.client.log_param(run.info.run_id, k, v)
+        return run.info.run_id
+
+    def child(self, parent_id: str, stage: str, tags: dict[str, str]) -> str:
+        """The stage's child run: a finished one is reused (a retry adds no second finished run)."""
+        key = {"mlflow.parentRunId": parent_id, "hfi.stage": stage}
+        existing = self._find(key)
+        if existing:
+            self.client.set_terminated(existing, status=RunStatus.to_string(RunStatus.RUNNING))
+            for k, v in tags.items():
+                self.client.set_tag(existing, k, v)
+            return existing
+        run = self.client.create_run(self.experiment_id, run_name=stage, tags={**tags, **key, "hfi.level": "child"})
+        return run.info.run_id
+
+    def log_metrics(self, run_id: str, metrics: dict[str, Any], prefix: str = "") -> None:
+        """Numeric leaves of a nested dict as metrics (``groups.target:explicit.clip_concept_rate``)."""
+        for k, v in flatten_numbers(metrics, prefix).items():
+            self.client.log_metric(run_id, k, v)
+
+    def log_artifacts(self, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifacts(run_id, str(folder), artifact_path)
+
+    def finish(self, run_id: str, ok: bool = True) -> None:
+        self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
+
+    def register(self, run_id: str, name: str, artifact_path: str, gates: GateResult) -> str:
+        """Register ``runs:/<run>/<artifact_path>`` as a version of ``name``; ``champion`` only if gates pass."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.create_registered_model(name)
+        except MlflowException:
+            pass  # exists already
+        run = self.client.get_run(run_id)
+        version = self.client.create_model_version(
+            name, f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id, tags={"gates": json.dumps(gates.checks)}
+        )
+        if gates.passed:
+            self.client.set_registered_model_alias(name, CHAMPION, version.version)
+        else:
+            self.client.set_model_version_tag(name, version.version, "failed_gate", ",".join(gates.failed))
+        return version.version
+
+
+def flatten_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}".replace(" ", "_")
+        if isinstance(v, dict):
+            out |= flatten_numbers(v, f"{key}.")
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = float(v)
+    return out
+
+
+@dataclass
+class GateResult:
+    """Which promotion gates passed (``checks``: gate -> {value, limit, passed})."""
+
+    checks: dict[str, dict[str, Any]]
+
+    @property
+    def passed(self) -> bool:
+        return all(c["passed"] for c in self.checks.values())
+
+    @property
+    def failed(self) -> list[str]:
+        return [g for g, c in self.checks.items() if not c["passed"]]
+
+
+def promotion_gates(
+    summary: dict[str, dict[str, dict[str, float]]],
+    max_concept_rate: float,
+    max_preservation_drop: float,
+    concept_metric: str = "clip_concept_rate",
+) -> GateResult:
+    """Gates on an evaluation summary (``stages.stage_evaluate``'s).
+
+    - concept rate: mean over ``target`` groups of the distilled model's ``concept_metric`` (CLIP's
+      concept rate, NudeNet's rate, or a toy-world oracle share) must be at most ``max_concept_rate``;
+    - preservation: mean over ``preserve`` groups of CLIP score must drop by at most
+      ``max_preservation_drop`` from the base model's.
+    """
+
+    def concept(groups: dict[str, dict[str, float]]) -> float:
+        vals = [g[concept_metric] for n, g in groups.items() if n.startswith("target")]
+        return sum(vals) / len(vals)
+
+    def preserve(groups: dict[str, dict[str, float]]) -> float:
+        vals = [g["clip_score"] for n, g in groups.items() if n.startswith("preserve")]
+        return sum(vals) / len(vals) if vals else 0.0
+
+    rate = concept(summary["distilled"])
+    drop = preserve(summary["sd"]) - preserve(summary["distilled"])
+    return GateResult(
+        {
+            "concept_rate": {"value": rate, "limit": max_concept_rate, "passed": rate <= max_concept_rate},
+            "preservation_drop": {
+                "value": drop,
+                "limit": max_preservation_drop,
+                "passed": drop <= max_preservation_drop,
+            },
+        }
+    )
