@@ -12,6 +12,7 @@ taken relative to the config file.
 from __future__ import annotations
 
 import dataclasses
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -260,6 +261,20 @@ class EvaluateConfig:
 
 
 @dataclass
+class PromotionConfig:
+    """When a distilled model becomes the ``champion`` in the model registry."""
+
+    model_name: str = ""
+    """Registered model name; empty: ``hfi-<concept>``."""
+    concept_metric: str = "clip_concept_rate"
+    """The evaluation metric that measures the concept (``nudenet_rate``, ``oracle_striped``...)."""
+    max_concept_rate: float = 0.1
+    """Gate: mean over target groups of the distilled model's concept metric."""
+    max_preservation_drop: float = 0.02
+    """Gate: drop of the mean CLIP score over preserve groups, base minus distilled."""
+
+
+@dataclass
 class RunConfig:
     """One concept-removal run."""
 
@@ -283,6 +298,8 @@ class RunConfig:
     """Erasure fine-tuning settings."""
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     """Evaluation settings."""
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    """Registry gates."""
 
     def __post_init__(self) -> None:
         if not any(p.group.startswith("target") for p in self.prompts):
@@ -355,8 +372,66 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
         raise ConfigError(f"{name}: {e}" if where else str(e)) from None
 
 
-def load_config(path: str | Path) -> RunConfig:
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstrings under a dataclass's fields (read from its source: Python drops them)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:], strict=False):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
+            docs[node.target.id] = " ".join(str(nxt.value.value).split())
+    return docs
+
+
+OVERRIDABLE = ("generation", "reward", "invert", "distill", "evaluate", "promotion")
+
+
+def overridable_fields() -> list[tuple[str, Any, str, str]]:
+    """``(dotted key, default, JSON-schema type, doc)`` for every scalar field a run may override.
+
+    The Airflow Params of the DAGs are built from this, so the UI shows the config's own docs.
+    """
+    out = []
+    hints = typing.get_type_hints(RunConfig)
+    for section in OVERRIDABLE:
+        cls = hints[section]
+        docs, sub_hints = field_docs(cls), typing.get_type_hints(cls)
+        default = cls()
+        for f in dataclasses.fields(cls):
+            tp = sub_hints[f.name]
+            origin = typing.get_origin(tp)
+            if origin is Literal:
+                kind = "string"
+            elif tp in (int, float, str, bool):
+                kind = {int: "integer", float: "number", str: "string", bool: "boolean"}[tp]
+            else:
+                continue  # lists and nested sections stay in the YAML
+            out.append((f"{section}.{f.name}", getattr(default, f.name), kind, docs.get(f.name, "")))
+    return out
+
+
+def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set dotted keys (``distill.lr``) in a parsed config; validation happens after, as on load."""
+    data = json.loads(json.dumps(data))  # a deep copy of plain data
+    for key, value in overrides.items():
+        node = data
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: {p!r} is not a section")
+        node[leaf] = value
+    return data
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
     """Read and validate a run config YAML; relative model folders resolve against its folder.
+
+    ``overrides`` (dotted keys, e.g. from Airflow Params or ``--set``) are applied before validation.
 
     Raises:
         ConfigError: with the file name and the offending key.
@@ -366,6 +441,8 @@ def load_config(path: str | Path) -> RunConfig:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         raise ConfigError(f"{path}: cannot read YAML: {e}") from None
+    if overrides:
+        data = apply_overrides(data if isinstance(data, dict) else {}, overrides)
     try:
         cfg = from_dict(RunConfig, data)
     except ConfigError as e:

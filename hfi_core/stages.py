@@ -1,7 +1,8 @@
 """One function per pipeline stage: ``(config, run folder) -> outputs under the run folder``.
 
     run/generate/   images/ + manifest.parquet
-    run/feedback/   labelstudio/ (import file, labeling config, simulated export), raw/, labels.parquet
+    run/publish/    tasks.json + label_config.xml (the Label Studio import for this batch)
+    run/feedback/   labelstudio/ (simulated export), raw/ (every export, byte for byte), labels.parquet
     run/reward/     model/, metrics.json, roc.png, scores.parquet   (run/embedding_cache/ beside it)
     run/invert/     learned_embeds.safetensors, metrics.json, token_samples.png
     run/distill/    unet/, delta.safetensors, README.md (model card), losses.png
@@ -23,7 +24,7 @@ import torch
 
 from hfi_core.config import RunConfig
 
-STAGES = ("generate", "feedback", "reward", "invert", "distill", "evaluate")
+STAGES = ("generate", "publish", "feedback", "reward", "invert", "distill", "evaluate")
 
 
 def stage_generate(cfg: RunConfig, run: Path, *, show_progress: bool = True) -> dict[str, Any]:
@@ -33,31 +34,35 @@ def stage_generate(cfg: RunConfig, run: Path, *, show_progress: bool = True) -> 
     return {"manifest": str(result.manifest), "generated": result.generated, "reused": result.reused}
 
 
+def stage_publish(cfg: RunConfig, run: Path) -> dict[str, Any]:
+    """Write the Label Studio import file and labeling config for the generated batch."""
+    from hfi_core.feedback.labelstudio import image_urls, import_batch, local_files_prefix
+    from hfi_core.images import read_manifest
+
+    run, fb = Path(run), cfg.feedback
+    gen = run / "generate"
+    rows = read_manifest(gen / "manifest.parquet").to_dict("records")
+    urls = image_urls(rows, fb.image_store or local_files_prefix(str(gen.resolve())))
+    out = run / "publish"
+    out.mkdir(parents=True, exist_ok=True)
+    tasks, xml = import_batch(rows, urls, fb.kind, fb.positive_choice, fb.negative_choice)
+    (out / "tasks.json").write_text(json.dumps(tasks, indent=1))
+    (out / "label_config.xml").write_text(xml)
+    return {"tasks": len(tasks), "kind": fb.kind, "import_file": str(out / "tasks.json")}
+
+
 def stage_feedback(cfg: RunConfig, run: Path) -> dict[str, Any]:
-    """Publish the labeling batch; ingest the simulated export or the configured files."""
+    """Ingest the configured exports, or (toy world) the oracle's simulated export of the batch."""
     from hfi_core.feedback.ingest import IngestSettings, ingest
-    from hfi_core.feedback.labelstudio import (
-        binary_label_config,
-        binary_tasks,
-        image_urls,
-        local_files_prefix,
-        ranking_label_config,
-        ranking_tasks,
-    )
+    from hfi_core.feedback.labelstudio import image_urls, local_files_prefix
     from hfi_core.images import read_manifest
 
     run, fb = Path(run), cfg.feedback
     gen = run / "generate"
     manifest = read_manifest(gen / "manifest.parquet")
-    rows = manifest.to_dict("records")
-    urls = image_urls(rows, local_files_prefix(str(gen.resolve())))
+    urls = image_urls(manifest.to_dict("records"), fb.image_store or local_files_prefix(str(gen.resolve())))
     ls = run / "feedback" / "labelstudio"
     ls.mkdir(parents=True, exist_ok=True)
-    binary = fb.kind == "binary"
-    tasks = binary_tasks(rows, urls) if binary else ranking_tasks(rows, urls)
-    (ls / "tasks.json").write_text(json.dumps(tasks, indent=1))
-    xml = binary_label_config(fb.positive_choice, fb.negative_choice) if binary else ranking_label_config()
-    (ls / "label_config.xml").write_text(xml)
     if fb.source == "simulate":
         from hfi_core.feedback.simulate import simulate_export
 
@@ -254,20 +259,21 @@ def run_all(cfg: RunConfig, run: Path, *, show_progress: bool = True) -> dict[st
     """Every stage in order, on one machine; returns each stage's result and its seconds."""
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
+    calls = {
+        "generate": lambda: stage_generate(cfg, run, show_progress=show_progress),
+        "publish": lambda: stage_publish(cfg, run),
+        "feedback": lambda: stage_feedback(cfg, run),
+        "reward": lambda: stage_reward(cfg, run),
+        "invert": lambda: stage_invert(cfg, run, show_progress=show_progress),
+        "distill": lambda: stage_distill(cfg, run, show_progress=show_progress),
+        "evaluate": lambda: stage_evaluate(cfg, run),
+    }
     results: dict[str, Any] = {}
     for name in STAGES:
+        if name == "invert" and not cfg.distill.use_token:
+            continue  # text-only removal needs no token
         t0 = time.time()
-        if name == "generate":
-            results[name] = stage_generate(cfg, run, show_progress=show_progress)
-        elif name in ("invert", "distill"):
-            if name == "invert" and not cfg.distill.use_token:
-                continue
-            fn = stage_invert if name == "invert" else stage_distill
-            results[name] = fn(cfg, run, show_progress=show_progress)
-        else:
-            results[name] = {"feedback": stage_feedback, "reward": stage_reward, "evaluate": stage_evaluate}[name](
-                cfg, run
-            )
+        results[name] = calls[name]()
         results[f"{name}_seconds"] = round(time.time() - t0, 1)
         (run / "run.json").write_text(json.dumps(results, indent=2, default=str))
     return results

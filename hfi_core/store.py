@@ -149,8 +149,11 @@ class LocalStore(Store):
         os.replace(tmp, dest)
 
     def download_file(self, key: str, path: Path) -> None:
+        src = self._path(key)
+        if Path(path).resolve() == src.resolve():
+            return  # the scratch folder is the store itself
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(self._path(key), path)
+        shutil.copyfile(src, path)
 
 
 class S3Store(Store):

@@ -9,7 +9,7 @@ import sys
 # transformers announces at import that torchvision is absent and it uses PIL: true, and noise.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tasks import feedback, generate, pipeline, reward, toyworld
+from tasks import feedback, generate, pipeline, reward, step, toyworld
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +20,7 @@ def main(argv: list[str] | None = None) -> int:
     feedback.register(groups)
     reward.register(groups)
     pipeline.register(groups)
+    step.register(groups)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -76,21 +76,12 @@ def _write_json(path: Path, data) -> None:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from hfi_core.feedback.labelstudio import (
-        binary_label_config,
-        binary_tasks,
-        image_urls,
-        ranking_label_config,
-        ranking_tasks,
-    )
+    from hfi_core.feedback.labelstudio import image_urls, import_batch
 
     cfg = _feedback_cfg(args)
     _, rows = _manifest_rows(args.manifest)
     urls = image_urls(rows, _prefix(args))
-    if cfg.kind == "binary":
-        tasks, xml = binary_tasks(rows, urls), binary_label_config(cfg.positive_choice, cfg.negative_choice)
-    else:
-        tasks, xml = ranking_tasks(rows, urls), ranking_label_config()
+    tasks, xml = import_batch(rows, urls, cfg.kind, cfg.positive_choice, cfg.negative_choice)
     _write_json(args.out, tasks)
     (args.out.parent / "label_config.xml").write_text(xml)
     print(f"{len(tasks)} {cfg.kind} tasks -> {args.out}; labeling config -> {args.out.parent / 'label_config.xml'}")

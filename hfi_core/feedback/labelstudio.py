@@ -211,6 +211,15 @@ def parse_min_choice(cell: Any, source: str, record: int, field: str) -> list[st
     return [str(cell)]
 
 
+def import_batch(
+    rows: list[dict[str, Any]], url_of: dict[str, str], kind: str, positive: str, negative: str
+) -> tuple[list[dict], str]:
+    """The Label Studio import tasks of a generated batch and the labeling config (XML) to match."""
+    if kind == "binary":
+        return binary_tasks(rows, url_of), binary_label_config(positive, negative)
+    return ranking_tasks(rows, url_of), ranking_label_config()
+
+
 def image_urls(manifest_rows: list[dict[str, Any]], prefix: str) -> dict[str, str]:
     """image_id -> the URL Label Studio shows: ``prefix`` + the manifest's relative ``uri``."""
     return {r["image_id"]: prefix + r["uri"] for r in manifest_rows}

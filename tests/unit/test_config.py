@@ -73,3 +73,21 @@ def test_ints_are_accepted_where_floats_are_expected_but_bools_are_not_ints():
     assert cfg.generation.guidance == 7.0 and isinstance(cfg.generation.guidance, float)
     with pytest.raises(ConfigError, match="generation.steps: expected int, got True"):
         from_dict(RunConfig, {**BASE, "generation": {"steps": True}})
+
+
+def test_overridable_fields_carry_types_defaults_and_the_field_docstrings():
+    from hfi_core.config import overridable_fields
+
+    fields = {k: (d, t, doc) for k, d, t, doc in overridable_fields()}
+    assert fields["distill.lr"] == (1e-5, "number", "AdamW learning rate (constant).")
+    assert fields["distill.method"][1] == "string" and fields["distill.steps"][:2] == (1500, "integer")
+    assert fields["promotion.max_concept_rate"][0] == 0.1 and "distill.concept_prompts" not in fields
+
+
+def test_overrides_apply_before_validation_and_bad_ones_name_the_key(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    cfg = load_config(path, {"distill.lr": 3e-4, "distill.method": "esd"})
+    assert cfg.distill.lr == 3e-4 and cfg.distill.method == "esd"
+    with pytest.raises(ConfigError, match=r"distill\.method: expected one of \['sdd', 'esd'\], got 'xyz'"):
+        load_config(path, {"distill.method": "xyz"})

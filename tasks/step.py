@@ -1,0 +1,91 @@
+"""``hfi step STAGE --config C --run-uri URI``: one pipeline step, as a container or pod runs it.
+
+Reads its orchestration context from the environment (Airflow sets ``AIRFLOW_CTX_*`` in every
+task; ``MLFLOW_TRACKING_URI``, ``HFI_S3_ENDPOINT_URL``, ``HFI_IMAGE_TAG``, ``HFI_GIT_COMMIT`` come
+from the deployment) and calls ``hfi_core.steps.run_step``. Credentials stay in the environment.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+from tasks.common import add_runtime_args, setup_runtime
+
+
+def register(groups: argparse._SubParsersAction) -> None:
+    from hfi_core.steps import DEPENDS
+
+    p = groups.add_parser("step", help="run one pipeline step against a run store (local path or s3://)")
+    p.add_argument("stage", choices=list(DEPENDS))
+    p.add_argument("--config", required=True, help="run config: a path, or a URI in the store (s3://.../config.yaml)")
+    p.add_argument(
+        "--run-uri", required=True, help="the run's folder: /data/runs/2026-11-28 or s3://bucket/runs/2026-11-28"
+    )
+    p.add_argument(
+        "--scratch", type=Path, help="local working folder (default: a temporary one; local stores work in place)"
+    )
+    p.add_argument(
+        "--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"), help="MLflow (default $MLFLOW_TRACKING_URI)"
+    )
+    p.add_argument("--experiment", default=os.environ.get("HFI_EXPERIMENT", "hfi"), help="MLflow experiment")
+    p.add_argument(
+        "--run-key", help="unique key of the pipeline run (default: $AIRFLOW_CTX_DAG_ID/$AIRFLOW_CTX_DAG_RUN_ID)"
+    )
+    add_runtime_args(p)
+    p.set_defaults(func=run)
+
+
+def _context() -> dict[str, str]:
+    env = {
+        "airflow.dag_id": "AIRFLOW_CTX_DAG_ID",
+        "airflow.run_id": "AIRFLOW_CTX_DAG_RUN_ID",
+        "airflow.task_id": "AIRFLOW_CTX_TASK_ID",
+        "airflow.try_number": "AIRFLOW_CTX_TRY_NUMBER",
+        "image_tag": "HFI_IMAGE_TAG",
+        "git_commit": "HFI_GIT_COMMIT",
+    }
+    return {tag: os.environ[var] for tag, var in env.items() if os.environ.get(var)}
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["distill.lr=1e-5", "distill.method=esd"]`` -> ``{"distill.lr": 1e-05, ...}`` (values as YAML)."""
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. distill.lr=1e-5")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_runtime(args)
+    from hfi_core.config import load_config
+    from hfi_core.steps import TrackingContext, run_step
+    from hfi_core.store import S3Settings, Store
+
+    s3 = S3Settings(endpoint_url=os.environ.get("HFI_S3_ENDPOINT_URL") or None)
+    root, _, run_name = args.run_uri.rstrip("/").rpartition("/")
+    store = Store.open(root, s3)
+    with tempfile.TemporaryDirectory(prefix="hfi-step-") as tmp:
+        config_path = Path(args.config)
+        if args.config.startswith("s3://"):
+            bucket_root, _, key = args.config.rpartition("/")
+            config_path = Path(tmp) / key
+            Store.open(bucket_root, s3).download_file(key, config_path)
+        cfg = load_config(config_path, parse_overrides(args.set))
+        scratch = args.scratch or (Path(args.run_uri) if not args.run_uri.startswith("s3://") else Path(tmp) / "run")
+        tracking = None
+        if args.tracking_uri:
+            ctx = _context()
+            key = args.run_key or f"{ctx.get('airflow.dag_id', 'manual')}/{ctx.get('airflow.run_id', run_name)}"
+            tracking = TrackingContext(args.tracking_uri, args.experiment, key, ctx)
+        result = run_step(args.stage, cfg, store, run_name, scratch, tracking)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
