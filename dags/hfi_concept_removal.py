@@ -1,0 +1,42 @@
+"""Nightly concept removal with human feedback (HFI + SDD).
+
+generate -> publish -> feedback -> reward -> invert -> distill -> evaluate -> register
+
+Runs every night at 02:00 UTC, and whenever a new feedback batch lands (the
+``hfi_feedback_batch`` asset). Each task runs ``hfi step <stage>`` against the run's store
+prefix; a task whose ``_SUCCESS`` marker already matches its inputs does nothing, so retries and
+re-runs are safe. How steps run (in the worker, in Docker, in Kubernetes pods) is chosen by the
+worker's ``HFI_STEP_RUNNER``; tasks pass URIs, never data.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from pathlib import Path
+
+from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable
+
+# Airflow 3 puts only the config and plugins folders on sys.path, not the DAGs folder.
+sys.path.insert(0, str(Path(__file__).parent))
+from hfi_steps import STAGES, default_args, params, step_task  # noqa: E402
+
+FEEDBACK_BATCH = Asset("hfi_feedback_batch", uri="file:///hfi/feedback/inbox")
+
+with DAG(
+    dag_id="hfi_concept_removal",
+    schedule=AssetOrTimeSchedule(timetable=CronTriggerTimetable("0 2 * * *", timezone="UTC"), assets=FEEDBACK_BATCH),
+    start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
+    catchup=False,
+    max_active_runs=1,
+    default_args=default_args(),
+    params=params(),
+    tags=["hfi", "concept-removal", "gpu"],
+    doc_md=__doc__,
+) as dag:
+    previous = None
+    for stage in STAGES:
+        task = step_task(stage)
+        if previous is not None:
+            previous >> task
+        previous = task
