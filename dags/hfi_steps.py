@@ -85,6 +85,7 @@ def params() -> dict:
             "configs/toyworld-striped.yaml", type="string", description="run config YAML (path or s3:// URI)"
         ),
         "run_root": Param(os.environ.get("HFI_RUN_ROOT", "/tmp/hfi-runs"), type="string", description="run store root"),
+        "run_name": Param(None, type=["string", "null"], description="run folder under run_root (default: the run id)"),
     }
     for f in json.loads(PARAMS_FILE.read_text()):
         # null keeps the YAML's value; the schema's own default is shown for reference
@@ -97,7 +98,7 @@ def params() -> dict:
 def step_command(stage: str) -> str:
     """The templated ``hfi step`` command line; every Param that is set is passed as ``--set``."""
     keys = [f["key"] for f in json.loads(PARAMS_FILE.read_text())]
-    run_uri = "{{ params.run_root }}/{{ run_id | replace(':', '') | replace('+', '') }}"
+    run_uri = "{{ params.run_root }}/{{ params.run_name or (run_id | replace(':', '') | replace('+', '')) }}"
     cmd = f'{shlex.quote(HFI_BIN)} step {stage} --config "{{{{ params.config }}}}" --run-uri "{run_uri}"'
     for key in keys:
         value = '{{ params["' + key + '"] | tojson }}'

@@ -84,8 +84,7 @@ def run(args: argparse.Namespace) -> int:
         tracking = None
         if args.tracking_uri:
             ctx = _context()
-            key = args.run_key or f"{ctx.get('airflow.dag_id', 'manual')}/{ctx.get('airflow.run_id', run_name)}"
-            tracking = TrackingContext(args.tracking_uri, args.experiment, key, ctx)
+            tracking = TrackingContext(args.tracking_uri, args.experiment, args.run_key or args.run_uri, ctx)
         result = run_step(args.stage, cfg, store, run_name, scratch, tracking)
     print(json.dumps(result, indent=2, default=str))
     return 0

@@ -37,6 +37,12 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="session")
+def free_port():
+    """A function returning a free TCP port on 127.0.0.1."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on 127.0.0.1 (real HTTP), with throwaway credentials; stopped by PID."""
     import shutil

@@ -53,7 +53,7 @@ def test_params_are_the_config_schema_and_the_committed_file_is_current(bag):
     assert (DAGS / "hfi_params.json").read_text() == params_json(), "run `hfi dags params`"
     params = bag.dags["hfi_concept_removal"].params
     fields = json.loads(params_json())
-    assert {f["key"] for f in fields} | {"config", "run_root"} == set(params.keys())
+    assert {f["key"] for f in fields} | {"config", "run_root", "run_name"} == set(params.keys())
     assert params["distill.lr"] is None  # unset Params keep the YAML's value
     assert "AdamW learning rate" in params.get_param("distill.lr").description
 
