@@ -21,10 +21,10 @@ $(STAMP): requirements.txt setup.cfg pyproject.toml
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .
 	touch $@
 
-## demo: the main job on the embedded default (for now: measure the committed toy world)
+## demo: the nightly pipeline on the embedded default (toy world, Airflow dags test, MLflow sqlite)
 demo: $(STAMP)
 	$(HFI) toyworld verify
-	$(HFI) toyworld check --n 64
+	$(PY) -m tasks.demo
 
 ## test: the whole test suite
 test: $(STAMP)

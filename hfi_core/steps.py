@@ -50,6 +50,8 @@ class TrackingContext:
     """Unique per pipeline run (e.g. ``<dag_id>/<run_id>``): finds the parent run again."""
     tags: dict[str, str] = field(default_factory=dict)
     """dag_id, run_id, task_id, try_number, image tag, git commit..."""
+    artifact_location: str | None = None
+    """Where a new experiment keeps artifacts (servers decide this themselves; sqlite stores need it)."""
 
 
 def _join(prefix: str, name: str) -> str:
@@ -112,7 +114,7 @@ def run_step(
     if tracking is not None:
         from hfi_core.tracking import Tracker, promotion_gates
 
-        tracker = Tracker(tracking.tracking_uri, tracking.experiment)
+        tracker = Tracker(tracking.tracking_uri, tracking.experiment, artifact_location=tracking.artifact_location)
         parent = tracker.parent(tracking.run_key, f"{cfg.name} {tracking.run_key}", asdict(cfg), tracking.tags)
         child = tracker.child(parent, stage, {**tracking.tags, "hfi.store": store.uri(prefix)})
         tracker.log_metrics(child, result)

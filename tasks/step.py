@@ -84,7 +84,13 @@ def run(args: argparse.Namespace) -> int:
         tracking = None
         if args.tracking_uri:
             ctx = _context()
-            tracking = TrackingContext(args.tracking_uri, args.experiment, args.run_key or args.run_uri, ctx)
+            tracking = TrackingContext(
+                args.tracking_uri,
+                args.experiment,
+                args.run_key or args.run_uri,
+                ctx,
+                os.environ.get("HFI_MLFLOW_ARTIFACT_ROOT"),
+            )
         result = run_step(args.stage, cfg, store, run_name, scratch, tracking)
     print(json.dumps(result, indent=2, default=str))
     return 0
