@@ -202,8 +202,9 @@ class DistillConfig:
     """Prompts naming the concept to erase, cycled; ``{token}``: the HFI token, ``{concept}``: the concept's name."""
     use_token: bool = True
     """Whether ``{token}`` may appear (HFI); without it only text prompts are used (text-only removal)."""
-    trainable: Literal["attn2", "attn", "all", "lora"] = "attn2"
-    """Which UNet parameters train: cross-attention (SDD default), all attention, all, or a LoRA on cross-attention."""
+    trainable: Literal["attn2", "attn2_kv", "attn", "all", "lora"] = "attn2"
+    """UNet parameters that train: cross-attention (SDD's default), its text key/value projections only,
+    all attention, all, or a LoRA on cross-attention."""
     lora_rank: int = 4
     """Rank of the LoRA when ``trainable: lora``."""
     steps: int = 1500

@@ -77,7 +77,8 @@ LORA_TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]
 
 def select_trainable(unet: UNet2DConditionModel, which: str, lora_rank: int = 4) -> list[tuple[str, nn.Parameter]]:
     """Freeze the UNet except ``which``: ``attn2`` (cross-attention, SDD's default, ~5% of SD's
-    UNet), ``attn`` (all attention), ``all``, or ``lora`` (a peft LoRA added on cross-attention,
+    UNet), ``attn2_kv`` (only its key/value projections of the text, so image-side computation
+    is untouched), ``attn`` (all attention), ``all``, or ``lora`` (a peft LoRA added on cross-attention,
     whose A/B matrices alone train). Returns the trainable (name, parameter) pairs."""
     if which == "lora":
         from peft import LoraConfig
@@ -89,7 +90,12 @@ def select_trainable(unet: UNet2DConditionModel, which: str, lora_rank: int = 4)
         return [(n, p) for n, p in unet.named_parameters() if "lora_" in n and p.requires_grad]
     chosen = []
     for name, p in unet.named_parameters():
-        keep = which == "all" or (which == "attn2" and ".attn2." in name) or (which == "attn" and ".attn" in name)
+        keep = (
+            which == "all"
+            or (which == "attn2" and ".attn2." in name)
+            or (which == "attn2_kv" and (".attn2.to_k." in name or ".attn2.to_v." in name))
+            or (which == "attn" and ".attn" in name)
+        )
         p.requires_grad_(keep)
         if keep:
             chosen.append((name, p))
