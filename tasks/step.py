@@ -33,8 +33,9 @@ def register(groups: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--experiment", default=os.environ.get("HFI_EXPERIMENT", "hfi"), help="MLflow experiment")
     p.add_argument(
-        "--run-key", help="unique key of the pipeline run (default: $AIRFLOW_CTX_DAG_ID/$AIRFLOW_CTX_DAG_RUN_ID)"
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (YAML value)"
     )
+    p.add_argument("--run-key", help="unique key of the pipeline run, for its MLflow parent (default: the run URI)")
     add_runtime_args(p)
     p.set_defaults(func=run)
 

@@ -51,13 +51,15 @@ def services(s3_endpoint, free_port, tmp_path_factory):
     log = open(tmp_path_factory.mktemp("mlflow") / "server.log", "w")
     server = subprocess.Popen(
         [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"postgresql://postgres@127.0.0.1:5432/{db}",
+         "--backend-store-uri", f"postgresql+psycopg2://postgres@127.0.0.1:5432/{db}",
          "--artifacts-destination", f"s3://{mlflow_bucket}/artifacts"],
         env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 120
     while time.time() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"mlflow server exited ({server.returncode}): {Path(log.name).read_text()[-2000:]}")
         try:
             if urllib.request.urlopen(f"{url}/health", timeout=1).status == 200:
                 break
