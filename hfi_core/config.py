@@ -99,6 +99,8 @@ class GenerationConfig:
     """Pixels; ``None``: the model's native size."""
     negative_prompt: str | None = None
     """An inference-time baseline: the concept text as negative prompt."""
+    sld: Literal["weak", "medium", "strong", "max"] | None = None
+    """An inference-time baseline: Safe Latent Diffusion with this preset, steering from ``concept.clip_texts``."""
 
 
 @dataclass

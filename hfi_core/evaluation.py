@@ -30,7 +30,7 @@ from PIL import Image
 from hfi_core.config import RunConfig
 from hfi_core.distill.outputs import apply_delta
 from hfi_core.embeddings import image_embeddings, text_embeddings
-from hfi_core.models import load_clip, load_sd_pipeline
+from hfi_core.models import load_clip, load_sd_pipeline, sld_pipeline
 
 Inference = Literal["none", "negative_prompt", "sld-weak", "sld-medium", "sld-strong", "sld-max"]
 
@@ -66,7 +66,7 @@ def weights_sha256(folder: str | Path) -> str:
 
 def load_variant(cfg: RunConfig, v: Variant, scheduler: str):
     """The pipeline of a variant and the extra call arguments its inference method needs."""
-    from diffusers import StableDiffusionPipelineSafe, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
 
     pipe = load_sd_pipeline(cfg.model, scheduler)
     if v.unet:
@@ -79,13 +79,9 @@ def load_variant(cfg: RunConfig, v: Variant, scheduler: str):
     if v.inference == "negative_prompt":
         kwargs["negative_prompt"] = v.negative_prompt or cfg.concept.name
     elif v.inference.startswith("sld-"):
-        from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
-
-        safe = StableDiffusionPipelineSafe(**{**pipe.components, "safety_checker": None}, requires_safety_checker=False)
-        safe.safety_concept = v.safety_concept or ", ".join(cfg.concept.clip_texts or [cfg.concept.name])
-        safe.set_progress_bar_config(disable=True)
-        kwargs.update(getattr(SafetyConfig, v.inference.split("-")[1].upper()))
-        pipe = safe
+        concept = v.safety_concept or ", ".join(cfg.concept.clip_texts or [cfg.concept.name])
+        pipe, sld_kwargs = sld_pipeline(pipe, v.inference.split("-", 1)[1], concept)
+        kwargs.update(sld_kwargs)
     return pipe, kwargs
 
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from hfi_core.config import RunConfig
 from hfi_core.images import JOURNAL, MANIFEST, MANIFEST_COLUMNS, png_bytes
-from hfi_core.models import load_sd_pipeline, model_identity
+from hfi_core.models import load_sd_pipeline, model_identity, sld_pipeline
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,8 @@ def plan(cfg: RunConfig, width: int, height: int) -> list[Item]:
     """Every image the config asks for, in a fixed order, with its seed and id."""
     g = cfg.generation
     settings = (model_identity(cfg.model), g.scheduler, g.steps, g.guidance, g.negative_prompt, width, height)
+    if g.sld:  # only then, so ids of runs without SLD stay what they were
+        settings += (f"sld-{g.sld}",)
     items = []
     for ps in cfg.prompts:
         for prompt in ps.prompts:
@@ -87,6 +89,9 @@ def generate(cfg: RunConfig, out: Path, *, show_progress: bool = True) -> Genera
     (out / "images").mkdir(parents=True, exist_ok=True)
     g = cfg.generation
     pipe = load_sd_pipeline(cfg.model, g.scheduler)
+    extra: dict = {}
+    if g.sld:
+        pipe, extra = sld_pipeline(pipe, g.sld, ", ".join(cfg.concept.clip_texts or [cfg.concept.name]))
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     height = g.height or pipe.unet.config.sample_size * vae_scale
     width = g.width or pipe.unet.config.sample_size * vae_scale
@@ -108,7 +113,7 @@ def generate(cfg: RunConfig, out: Path, *, show_progress: bool = True) -> Genera
     batches = [items[i : i + g.batch_size] for i in range(0, len(items), g.batch_size)]
     settings = dict(
         model=model_identity(cfg.model), scheduler=g.scheduler, steps=g.steps, guidance=g.guidance,
-        negative_prompt=g.negative_prompt, width=width, height=height,
+        negative_prompt=g.negative_prompt, sld=g.sld, width=width, height=height,
     )  # fmt: skip
     device = pipe.device
     bar = tqdm(total=len(items), desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True)
@@ -127,6 +132,7 @@ def generate(cfg: RunConfig, out: Path, *, show_progress: bool = True) -> Genera
                 height=height,
                 width=width,
                 output_type="np",
+                **extra,
             ).images  # (B, H, W, 3) float in [0, 1]
             for it, img in zip(batch, images, strict=True):
                 data = png_bytes(np.round(img * 255).clip(0, 255).astype(np.uint8))

@@ -16,7 +16,7 @@ MANIFEST = "manifest.parquet"
 JOURNAL = ".journal.jsonl"
 MANIFEST_COLUMNS = [
     "image_id", "uri", "sha256", "prompt", "group", "index", "seed", "model", "scheduler",
-    "steps", "guidance", "negative_prompt", "width", "height",
+    "steps", "guidance", "negative_prompt", "sld", "width", "height",
 ]  # fmt: skip
 
 

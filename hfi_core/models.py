@@ -65,3 +65,29 @@ def load_clip(path: str, device: str = "auto") -> tuple[CLIPModel, CLIPProcessor
     """A CLIP model (eval mode, fp32) and its processor."""
     model = CLIPModel.from_pretrained(path).eval().to(resolve_device(device))
     return model, CLIPProcessor.from_pretrained(path)
+
+
+def sld_pipeline(pipe: StableDiffusionPipeline, preset: str, concept: str):
+    """Safe Latent Diffusion on the same components, and the call arguments of its preset.
+
+    Args:
+        preset: ``weak``, ``medium``, ``strong`` or ``max`` (diffusers' ``SafetyConfig``).
+        concept: the text SLD steers away from.
+    Returns:
+        ``(StableDiffusionPipelineSafe, {"sld_guidance_scale": ..., ...})``.
+    """
+    from diffusers import StableDiffusionPipelineSafe
+    from diffusers.pipelines.deprecated.stable_diffusion_safe import SafetyConfig
+
+    presets = {
+        "weak": SafetyConfig.WEAK,
+        "medium": SafetyConfig.MEDIUM,
+        "strong": SafetyConfig.STRONG,
+        "max": SafetyConfig.MAX,
+    }
+    if preset not in presets:
+        raise ValueError(f"SLD preset {preset!r}: expected one of {list(presets)}")
+    safe = StableDiffusionPipelineSafe(**{**pipe.components, "safety_checker": None}, requires_safety_checker=False)
+    safe.safety_concept = concept
+    safe.set_progress_bar_config(disable=True)
+    return safe, dict(presets[preset])

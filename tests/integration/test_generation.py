@@ -91,3 +91,13 @@ def test_generate_cli_reports_images_per_group(world, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "3 images in" in out and "target:explicit    3" in out and "generated 3, reused 0" in out
     assert len(pd.read_parquet(tmp_path / "o" / "manifest.parquet")) == 3
+
+
+def test_sld_at_generation_changes_the_images_and_is_recorded(world, tmp_path):
+    plain = read_manifest(
+        generate(load_config(_config(tmp_path, world, P[:1])), tmp_path / "a", show_progress=False).manifest
+    )
+    safe_cfg = load_config(_config(tmp_path, world, P[:1], name="sld.yaml", sld="max"))
+    safe = read_manifest(generate(safe_cfg, tmp_path / "b", show_progress=False).manifest)
+    assert set(safe.sld) == {"max"} and plain.sld.isna().all()
+    assert (plain.seed.tolist() == safe.seed.tolist()) and not set(plain.sha256) & set(safe.sha256)

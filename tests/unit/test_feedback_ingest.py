@@ -168,7 +168,7 @@ def test_cli_prints_one_line_and_exits_2_on_bad_input(tmp_path, capsys, manifest
     m = tmp_path / "manifest.parquet"
     full = manifest.assign(
         sha256="0", prompt="p", group="target", index=0, seed=0, model="m", scheduler="s", steps=1, guidance=1.0,
-        negative_prompt=None, width=32, height=32,
+        negative_prompt=None, sld=None, width=32, height=32,
     )  # fmt: skip
     full.to_parquet(m)
     bad = _bad(tmp_path, "bad.json", "[{")
