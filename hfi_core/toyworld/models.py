@@ -40,22 +40,24 @@ def make_vae() -> AutoencoderKL:
     )
 
 
+def _text_transformer(tokenizer: CLIPTokenizer, hidden: int) -> dict:
+    """The two-layer text transformer shared by the SD text encoder and tiny CLIP's text tower."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=4 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=MODEL_MAX_LENGTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
 def make_text_encoder(tokenizer: CLIPTokenizer, hidden: int = 64) -> CLIPTextModel:
     """A two-layer CLIP text transformer over the world's one-token words."""
-    return CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=hidden,
-            intermediate_size=4 * hidden,
-            projection_dim=hidden,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=MODEL_MAX_LENGTH,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    )
+    return CLIPTextModel(CLIPTextConfig(**_text_transformer(tokenizer, hidden), projection_dim=hidden))
 
 
 def make_unet(channels: tuple[int, int, int], cross_attention_dim: int = 64) -> UNet2DConditionModel:
@@ -101,17 +103,7 @@ def make_sampling_scheduler() -> PNDMScheduler:
 
 def make_clip(tokenizer: CLIPTokenizer, hidden: int = 64) -> CLIPModel:
     """A ViT (patch 4 on 32x32) and a text transformer, projected to a shared 64-d space."""
-    text = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=hidden,
-        intermediate_size=4 * hidden,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=MODEL_MAX_LENGTH,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-    )
+    text = _text_transformer(tokenizer, hidden)
     vision = dict(
         image_size=IMAGE_SIZE,
         patch_size=4,
