@@ -137,6 +137,8 @@ class FeedbackConfig:
     """The choice text that means label 0."""
     image_store: str | None = None
     """Image URLs in exports must lie under this prefix; nothing outside it is ever fetched."""
+    ranking_group: Literal["prompt", "batch"] = "prompt"
+    """Rankings over images of one prompt, or across prompts (when a model draws a prompt's images alike)."""
     max_file_mb: float = 100.0
     """Exports larger than this are refused."""
     simulate: SimulateConfig = field(default_factory=SimulateConfig)

@@ -163,10 +163,14 @@ def train_binary(
 def train_ranking(
     cfg: RewardConfig, emb_of: dict[str, torch.Tensor], pairs: pd.DataFrame, prompt_of: dict[str, str], identity: str
 ) -> tuple[RewardModel, dict[str, Any], pd.DataFrame]:
-    """Bradley-Terry on ranked pairs; prompts are split, so no held-out prompt is trained on."""
+    """Bradley-Terry on ranked pairs, split by prompt: a pair is held out when both its images come
+    from held-out prompts, trains when neither does, and is dropped otherwise (no held-out image
+    is ever trained on)."""
     torch.manual_seed(cfg.seed)
-    held = _split([prompt_of[i] for i in pairs.image_pos], cfg.holdout, cfg.seed)
-    split = np.where(pairs.image_pos.map(prompt_of).isin(held), "holdout", "train")
+    held = _split(sorted(set(prompt_of.values())), cfg.holdout, cfg.seed)
+    pos_held, neg_held = pairs.image_pos.map(prompt_of).isin(held), pairs.image_neg.map(prompt_of).isin(held)
+    pairs = pairs[pos_held == neg_held].reset_index(drop=True)
+    split = np.where(pos_held[pos_held == neg_held].to_numpy(), "holdout", "train")
     pos = torch.stack([emb_of[i] for i in pairs.image_pos])  # (P, D)
     neg = torch.stack([emb_of[i] for i in pairs.image_neg])
     tr = torch.tensor(split == "train")

@@ -45,7 +45,7 @@ def stage_publish(cfg: RunConfig, run: Path) -> dict[str, Any]:
     urls = image_urls(rows, fb.image_store or local_files_prefix(str(gen.resolve())))
     out = run / "publish"
     out.mkdir(parents=True, exist_ok=True)
-    tasks, xml = import_batch(rows, urls, fb.kind, fb.positive_choice, fb.negative_choice)
+    tasks, xml = import_batch(rows, urls, fb.kind, fb.positive_choice, fb.negative_choice, fb.ranking_group)
     (out / "tasks.json").write_text(json.dumps(tasks, indent=1))
     (out / "label_config.xml").write_text(xml)
     return {"tasks": len(tasks), "kind": fb.kind, "import_file": str(out / "tasks.json")}
@@ -74,6 +74,7 @@ def stage_feedback(cfg: RunConfig, run: Path) -> dict[str, Any]:
             positive=fb.positive_choice,
             negative=fb.negative_choice,
             url_of=urls,
+            ranking_group=fb.ranking_group,
         )
         sources = [ls / "simulated_export.json"]
         sources[0].write_text(json.dumps(export, indent=1))

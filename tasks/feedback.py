@@ -81,7 +81,7 @@ def _export(args: argparse.Namespace) -> int:
     cfg = _feedback_cfg(args)
     _, rows = _manifest_rows(args.manifest)
     urls = image_urls(rows, _prefix(args))
-    tasks, xml = import_batch(rows, urls, cfg.kind, cfg.positive_choice, cfg.negative_choice)
+    tasks, xml = import_batch(rows, urls, cfg.kind, cfg.positive_choice, cfg.negative_choice, cfg.ranking_group)
     _write_json(args.out, tasks)
     (args.out.parent / "label_config.xml").write_text(xml)
     print(f"{len(tasks)} {cfg.kind} tasks -> {args.out}; labeling config -> {args.out.parent / 'label_config.xml'}")
@@ -107,7 +107,7 @@ def _simulate(args: argparse.Namespace) -> int:
     df, rows = _manifest_rows(args.manifest)
     export = simulate_export(
         df, args.manifest.parent, sim, kind=cfg.kind, positive=cfg.positive_choice, negative=cfg.negative_choice,
-        url_of=image_urls(rows, _prefix(args)),
+        url_of=image_urls(rows, _prefix(args)), ranking_group=cfg.ranking_group,
     )  # fmt: skip
     _write_json(args.out, export)
     n = sum(len(t["annotations"]) for t in export)

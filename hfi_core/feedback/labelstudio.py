@@ -98,11 +98,24 @@ def binary_tasks(rows: list[dict[str, Any]], url_of: dict[str, str]) -> list[dic
     ]
 
 
-def ranking_tasks(rows: list[dict[str, Any]], url_of: dict[str, str], group_size: int = 4) -> list[dict]:
-    """Import tasks, one per ``group_size`` images of the same prompt (a ranking needs >= 2)."""
+def ranking_tasks(
+    rows: list[dict[str, Any]], url_of: dict[str, str], group_size: int = 4, by: str = "prompt", seed: int = 0
+) -> list[dict]:
+    """Import tasks of ``group_size`` images each (a ranking needs >= 2).
+
+    ``by="prompt"``: images of one prompt (METHOD.md); ``by="batch"``: images across prompts, in a
+    seeded shuffle, for models that draw every image of a prompt alike (nothing to rank within it).
+    """
     by_prompt: dict[tuple[str, str], list[dict]] = {}
-    for r in rows:
-        by_prompt.setdefault((r["group"], r["prompt"]), []).append(r)
+    if by == "batch":
+        import random
+
+        shuffled = list(rows)
+        random.Random(seed).shuffle(shuffled)
+        by_prompt[("batch", "")] = shuffled
+    else:
+        for r in rows:
+            by_prompt.setdefault((r["group"], r["prompt"]), []).append(r)
     tasks = []
     for (group, prompt), rs in by_prompt.items():
         for i in range(0, len(rs), group_size):
@@ -212,12 +225,17 @@ def parse_min_choice(cell: Any, source: str, record: int, field: str) -> list[st
 
 
 def import_batch(
-    rows: list[dict[str, Any]], url_of: dict[str, str], kind: str, positive: str, negative: str
+    rows: list[dict[str, Any]],
+    url_of: dict[str, str],
+    kind: str,
+    positive: str,
+    negative: str,
+    ranking_group: str = "prompt",
 ) -> tuple[list[dict], str]:
     """The Label Studio import tasks of a generated batch and the labeling config (XML) to match."""
     if kind == "binary":
         return binary_tasks(rows, url_of), binary_label_config(positive, negative)
-    return ranking_tasks(rows, url_of), ranking_label_config()
+    return ranking_tasks(rows, url_of, by=ranking_group), ranking_label_config()
 
 
 def image_urls(manifest_rows: list[dict[str, Any]], prefix: str) -> dict[str, str]:

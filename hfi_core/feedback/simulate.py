@@ -59,12 +59,17 @@ def simulate_export(
     negative: str,
     url_of: dict[str, str],
     group_size: int = 4,
+    ranking_group: str = "prompt",
 ) -> list[dict]:
     """A full Label Studio JSON export: every task annotated by ``cfg.annotators`` people."""
     scores = dict(zip(manifest.image_id, concept_scores(manifest, image_root, cfg), strict=True))
     rng = np.random.default_rng(cfg.seed)
     rows = manifest.to_dict("records")
-    tasks = binary_tasks(rows, url_of) if kind == "binary" else ranking_tasks(rows, url_of, group_size)
+    tasks = (
+        binary_tasks(rows, url_of)
+        if kind == "binary"
+        else ranking_tasks(rows, url_of, group_size, by=ranking_group, seed=cfg.seed)
+    )
     ann_id = 1000
     for t_id, task in enumerate(tasks, start=1):
         task.update({"id": t_id, "predictions": [], "project": 1})

@@ -12,7 +12,9 @@ def test_the_demo_report_shows_before_and_after_per_group_and_the_gate_verdict(t
     summary = {"sd": {"target:explicit": group}, "distilled": {"target:explicit": after}}
     (tmp_path / "evaluate" / "summary.json").write_text(json.dumps(summary))
     gates = {"concept_rate": {"value": 0.1, "limit": 0.1, "passed": True}}
-    (tmp_path / "register" / "registration.json").write_text(json.dumps({"version": "3", "champion": True, "gates": gates}))
+    (tmp_path / "register" / "registration.json").write_text(
+        json.dumps({"version": "3", "champion": True, "gates": gates})
+    )
     text = report(tmp_path)
     row = next(line for line in text.splitlines() if line.startswith("target:explicit"))
     assert row.split()[1:3] == ["0.95", "0.10"] and "0.05/0.90" in row and "0.97/0.97" in row

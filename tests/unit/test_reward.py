@@ -57,7 +57,7 @@ def test_ranking_reward_orders_held_out_pairs_by_bradley_terry():
     pos = [i for i, v in zip(ids, y, strict=True) if v == 1]
     neg = [i for i, v in zip(ids, y, strict=True) if v == 0]
     pairs = pd.DataFrame({"image_pos": pos, "image_neg": neg, "annotator": "a", "annotation_id": range(len(pos))})
-    prompt_of = {i: f"p{k % 10}" for k, i in enumerate(ids)}
+    prompt_of = {i: f"p{k // 2 % 10}" for k, i in enumerate(ids)}  # each pair's two images share a prompt
     _, metrics, table = train_ranking(RewardConfig(hidden=32, epochs=150, holdout=0.3), emb_of, pairs, prompt_of, "c")
     held_prompts = {prompt_of[i] for i in table[table.split == "holdout"].image_pos}
     trained_prompts = {prompt_of[i] for i in table[table.split == "train"].image_pos}
