@@ -475,8 +475,3 @@ def resolve_model_path(spec: str, base: Path | None = None) -> str:
     if base is not None and spec.startswith((".", "/")) is True and not Path(spec).is_absolute():
         return str((base / spec).resolve())
     return spec
-
-
-def to_dict(cfg: Any) -> dict:
-    """A plain dict of a config (for MLflow params and run records)."""
-    return dataclasses.asdict(cfg)

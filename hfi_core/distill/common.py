@@ -15,7 +15,6 @@ from __future__ import annotations
 import copy
 import json
 import os
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -188,12 +187,6 @@ def merge_lora(unet: UNet2DConditionModel) -> tuple[UNet2DConditionModel, list[s
     plain.load_state_dict(state)
     changed = sorted({n.split(".lora_")[0] + ".weight" for n, _ in unet.named_parameters() if "lora_" in n})
     return plain.to(unet.device, unet.dtype).eval(), changed
-
-
-def cycle(items: list) -> Iterator:
-    """item 0, 1, ..., n-1, 0, 1, ... (SDD cycles through the concepts it removes)."""
-    while True:
-        yield from items
 
 
 # ----------------------------------------------------------------------------- checkpoints
