@@ -9,7 +9,7 @@ export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test lint check world verify clean
+.PHONY: venv demo test system lint check world verify clean
 
 venv: $(STAMP)
 
@@ -27,8 +27,19 @@ demo: $(STAMP)
 	$(PY) -m tasks.demo
 
 ## test: the whole test suite
-test: $(STAMP)
+test: $(STAMP) system
 	$(PY) -m pytest -q tests
+
+# Debian packages the container test needs (a Docker engine, debootstrap for the local base
+# image). Installed when missing and when we may; otherwise that test skips and says why.
+system:
+	@if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null \
+	      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null; } \
+	      || echo "could not install docker.io/debootstrap: the container test will skip"; \
+	  else echo "no root or apt-get: docker.io/debootstrap not installed; the container test will skip"; fi; \
+	fi
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check hfi_core tasks tests

@@ -1,13 +1,15 @@
 """How the hfi DAGs run a step: in-process, in Docker, or in a Kubernetes pod.
 
 One setting, the worker's ``HFI_STEP_RUNNER`` environment variable (``local`` | ``docker`` |
-``kubernetes``), chooses; no DAG file changes. Every step runs the same command,
+``kubernetes``), chooses; no DAG file changes. ``HFI_STEP_GPUS`` (``all``, a count, or ``none``)
+says what the GPU steps ask for. Every step runs the same command,
 ``hfi step <stage> --config ... --run-uri ...``, in the worker (local), in the step image (Docker,
 with GPU device requests) or in a pod (``nvidia.com/gpu`` limits, node selector, tolerations).
 
 Nothing here imports torch, diffusers, mlflow or boto3, and the provider modules are imported
 only for the runner in use. Credentials never appear here: local steps inherit the worker's
-environment; Docker steps read an env file on the worker host (``HFI_DOCKER_ENV_FILE``, a path);
+environment; Docker steps source an env file of the worker host (``HFI_DOCKER_ENV_FILE``, a path, mounted
+read-only; it must be readable by the image's user, uid 10001);
 pods mount a Kubernetes Secret (``HFI_K8S_SECRET``, a name).
 """
 
@@ -24,6 +26,8 @@ RUNNER = os.environ.get("HFI_STEP_RUNNER", "local")
 IMAGE = os.environ.get("HFI_IMAGE", "hfi-step:latest")
 HFI_BIN = os.environ.get("HFI_BIN", "hfi")
 GPU_STEPS = {"generate", "invert", "distill", "evaluate"}
+# GPUs a GPU step asks for: "all", a count, or "none" (CPU-only hosts and clusters).
+GPUS = os.environ.get("HFI_STEP_GPUS", "all")
 STAGES = ("generate", "publish", "feedback", "reward", "invert", "distill", "evaluate", "register")
 TIMEOUTS = {
     "generate": 2,
@@ -36,6 +40,7 @@ TIMEOUTS = {
     "register": 0.25,
 }
 PARAMS_FILE = Path(__file__).with_name("hfi_params.json")
+SECRET_ENV = "/run/secrets/hfi.env"  # where a Docker step finds HFI_DOCKER_ENV_FILE
 # What the step reads about its Airflow run, passed explicitly to containers and pods.
 CONTEXT_ENV = {
     "AIRFLOW_CTX_DAG_ID": "{{ dag.dag_id }}",
@@ -64,7 +69,7 @@ def notify_failure(context: dict) -> None:
 def default_args() -> dict:
     return {
         "owner": "ml-platform",
-        "retries": 2,
+        "retries": int(os.environ.get("HFI_STEP_RETRIES", "2")),
         "retry_delay": dt.timedelta(minutes=2),
         "retry_exponential_backoff": True,
         "max_retry_delay": dt.timedelta(minutes=30),
@@ -115,22 +120,30 @@ def step_task(stage: str):
 
         return BashOperator(bash_command=command, **common)
     env = {**CONTEXT_ENV, **{k: os.environ[k] for k in PASS_THROUGH if k in os.environ}}
-    gpu = stage in GPU_STEPS
+    gpu = stage in GPU_STEPS and GPUS != "none"
+    count = -1 if GPUS in ("all", "none") else int(GPUS)
     if RUNNER == "docker":
         from airflow.providers.docker.operators.docker import DockerOperator
-        from docker.types import DeviceRequest
+        from docker.types import DeviceRequest, Mount
 
+        # The env file is mounted read-only and sourced inside the container, so credentials go
+        # from the worker host's file to the step's environment and never through Airflow
+        # (rendered templates, XCom, logs).
+        env_file, mounts = os.environ.get("HFI_DOCKER_ENV_FILE"), []
+        if env_file:
+            mounts = [Mount(target=SECRET_ENV, source=env_file, type="bind", read_only=True)]
+            command = f"set -a && . {SECRET_ENV} && set +a && {command}"
         return DockerOperator(
             image=IMAGE,
             entrypoint=["/bin/sh", "-c"],
             command=[command],
             environment=env,
-            env_file=os.environ.get("HFI_DOCKER_ENV_FILE"),
+            mounts=mounts,
             docker_url=os.environ.get("HFI_DOCKER_URL", "unix://var/run/docker.sock"),
             network_mode=os.environ.get("HFI_DOCKER_NETWORK", "bridge"),
             mount_tmp_dir=False,
             auto_remove="success",
-            device_requests=[DeviceRequest(count=-1, capabilities=[["gpu"]])] if gpu else None,
+            device_requests=[DeviceRequest(count=count, capabilities=[["gpu"]])] if gpu else None,
             **common,
         )
     if RUNNER == "kubernetes":
@@ -138,6 +151,7 @@ def step_task(stage: str):
         from kubernetes.client import models as k8s
 
         secret = os.environ.get("HFI_K8S_SECRET")
+        gpu_limit = str(max(count, 1))  # a pod asks for whole GPUs; "all" means one
         return KubernetesPodOperator(
             name=f"hfi-{stage}",
             namespace=os.environ.get("HFI_K8S_NAMESPACE", "hfi"),
@@ -146,7 +160,7 @@ def step_task(stage: str):
             arguments=[command],
             env_vars=env,
             env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=secret))] if secret else None,
-            container_resources=k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": "1"}) if gpu else None,
+            container_resources=k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": gpu_limit}) if gpu else None,
             node_selector={"nvidia.com/gpu.present": "true"} if gpu else None,
             tolerations=[k8s.V1Toleration(key="nvidia.com/gpu", operator="Exists", effect="NoSchedule")]
             if gpu

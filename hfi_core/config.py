@@ -205,7 +205,14 @@ class DistillConfig:
     concept_prompts: list[str] = field(default_factory=lambda: ["{token}"])
     """Prompts naming the concept to erase, cycled; ``{token}``: the HFI token, ``{concept}``: the concept's name."""
     use_token: bool = True
-    """Whether ``{token}`` may appear (HFI); without it only text prompts are used (text-only removal)."""
+    """Whether to remove with the HFI token (``concept_prompts``) or by text alone (``text_prompts``)."""
+    text_prompts: list[str] = field(default_factory=lambda: ["{concept}"])
+    """Prompts naming the concept in words, cycled, for text-only removal (``use_token: false``)."""
+    preserve_prompts: list[str] = field(default_factory=list)
+    """Prompts whose predictions must stay the original model's (an anchor term, cycled); empty:
+    the methods as published."""
+    preserve_weight: float = 1.0
+    """Weight of the anchor term ``|| eps_theta(x_t, c_p) - eps_original(x_t, c_p) ||^2``."""
     trainable: Literal["attn2", "attn2_kv", "attn", "all", "lora"] = "attn2"
     """UNet parameters that train: cross-attention (SDD's default), its text key/value projections only,
     all attention, all, or a LoRA on cross-attention."""

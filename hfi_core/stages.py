@@ -152,19 +152,22 @@ def _token_samples(pipe, ic, cfg: RunConfig, path: Path, n: int = 8) -> None:
 
 
 def concept_prompts(cfg: RunConfig, token: str | None) -> list[str]:
-    """The distillation's concept prompts with ``{token}`` and ``{concept}`` filled in."""
-    out = []
-    for p in cfg.distill.concept_prompts:
+    """The distillation's prompts: ``concept_prompts`` with the HFI token, else ``text_prompts``;
+    ``{token}`` and ``{concept}`` filled in."""
+    key, prompts = (
+        ("concept_prompts", cfg.distill.concept_prompts) if token else ("text_prompts", cfg.distill.text_prompts)
+    )
+    for p in prompts:
         if "{token}" in p and not token:
-            raise ValueError(
-                f"distill.concept_prompts: {p!r} needs the HFI token; run `hfi invert` or set use_token: false"
-            )
-        out.append(p.replace("{token}", token or "").replace("{concept}", cfg.concept.name))
-    return out
+            raise ValueError(f"distill.{key}: {p!r} needs the HFI token; text-only removal names the concept in words")
+    return [p.replace("{token}", token or "").replace("{concept}", cfg.concept.name) for p in prompts]
 
 
-def stage_distill(cfg: RunConfig, run: Path, *, resume: bool = False, show_progress: bool = True) -> dict[str, Any]:
-    """SDD or ESD-x on the concept prompts (with v* when ``distill.use_token``)."""
+def stage_distill(
+    cfg: RunConfig, run: Path, *, resume: bool = False, show_progress: bool = True, out: Path | None = None
+) -> dict[str, Any]:
+    """SDD or ESD-x on the concept prompts (with v* when ``distill.use_token``), into ``out``
+    (default ``run/distill``)."""
     from hfi_core.distill.esd import train_esd
     from hfi_core.distill.outputs import save_distilled
     from hfi_core.distill.sdd import train_sdd
@@ -178,7 +181,7 @@ def stage_distill(cfg: RunConfig, run: Path, *, resume: bool = False, show_progr
         token = cfg.invert.token
     prompts = concept_prompts(cfg, token)
     train = train_sdd if dc.method == "sdd" else train_esd
-    out = run / "distill"
+    out = Path(out) if out else run / "distill"
     t0 = time.time()
     unet, names, losses = train(pipe, dc, prompts, out, resume=resume, show_progress=show_progress)
     seconds = time.time() - t0
@@ -201,9 +204,22 @@ def stage_distill(cfg: RunConfig, run: Path, *, resume: bool = False, show_progr
     save_distilled(out, unet, names, card)
     _plot_losses(losses, out / "losses.png", dc.method)
     metrics = {"steps_run": len(losses), "final_loss_mean_20": float(np.mean(losses[-20:])) if losses else None,
-               "seconds": round(seconds, 1), "trained_values": card["trained_values"]}  # fmt: skip
+               "seconds": round(seconds, 1), "trained_values": card["trained_values"], **peak_memory()}  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+def peak_memory() -> dict[str, Any]:
+    """This process's peak memory: the CUDA allocator's peak on a GPU, else the peak resident set
+    (which includes loading the models: run a training in its own process to measure it alone)."""
+    if torch.cuda.is_available():
+        return {"peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1), "peak_memory_kind": "cuda"}
+    import resource
+
+    return {
+        "peak_memory_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_memory_kind": "rss",
+    }
 
 
 def _plot_losses(losses: list[float], path: Path, title: str) -> None:

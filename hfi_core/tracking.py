@@ -83,6 +83,9 @@ class Tracker:
     def log_artifacts(self, run_id: str, folder: Path, artifact_path: str | None = None) -> None:
         self.client.log_artifacts(run_id, str(folder), artifact_path)
 
+    def log_file(self, run_id: str, path: Path, artifact_path: str | None = None) -> None:
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
     def finish(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 

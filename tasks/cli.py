@@ -9,7 +9,7 @@ import sys
 # transformers announces at import that torchvision is absent and it uses PIL: true, and noise.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tasks import dags, feedback, generate, pipeline, reward, step, toyworld
+from tasks import bench, dags, feedback, generate, pipeline, reward, step, toyworld
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     pipeline.register(groups)
     step.register(groups)
     dags.register(groups)
+    bench.register(groups)
     args = parser.parse_args(argv)
     try:
         return int(args.func(args) or 0)

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch import nn
 
@@ -146,6 +147,8 @@ class Setup:
     latent_shape: tuple[int, int, int, int]  # (B, C, H, W)
     rng: np.random.Generator  # trajectory positions
     gen: torch.Generator  # noise
+    preserve: torch.Tensor | None = None  # (P', L, D): preserve-prompt embeddings, cycled
+    anchor: UNet2DConditionModel | None = None  # frozen original, for the preserve term
 
     @property
     def names(self) -> list[str]:
@@ -156,9 +159,18 @@ class Setup:
         return [p for _, p in self.trainable]
 
 
-def prepare(pipe: StableDiffusionPipeline, cfg: Any, concept_prompts: list[str]) -> Setup:
-    """Freeze all but the trainable parameters, build AdamW, DDIM, prompt embeddings and RNGs."""
+def prepare(
+    pipe: StableDiffusionPipeline, cfg: Any, concept_prompts: list[str], anchor: UNet2DConditionModel | None = None
+) -> Setup:
+    """Freeze all but the trainable parameters, build AdamW, DDIM, prompt embeddings and RNGs.
+
+    With ``cfg.preserve_prompts``, also their embeddings and a frozen copy of the original UNet
+    (``anchor``, or a new copy made here, before anything trains).
+    """
     unet = pipe.unet
+    preserve = getattr(cfg, "preserve_prompts", None)
+    if preserve and anchor is None:
+        anchor = copy.deepcopy(unet).eval().requires_grad_(False)
     unet.train()
     trainable = select_trainable(unet, cfg.trainable, getattr(cfg, "lora_rank", 4))
     size = unet.config.sample_size
@@ -171,7 +183,32 @@ def prepare(pipe: StableDiffusionPipeline, cfg: Any, concept_prompts: list[str])
         latent_shape=(cfg.batch_size, unet.config.in_channels, size, size),
         rng=np.random.default_rng(cfg.seed),
         gen=torch.Generator().manual_seed(cfg.seed),
+        preserve=encode_prompts(pipe, preserve) if preserve else None,
+        anchor=anchor if preserve else None,
     )
+
+
+def preservation_loss(
+    unet: UNet2DConditionModel, anchor: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, cond: torch.Tensor
+) -> torch.Tensor:
+    """|| eps_theta(x_t, t, c_p) - eps_original(x_t, t, c_p) ||^2 for a preserve prompt c_p, (B, L, D).
+
+    The erasure terms only say what the concept prompts must become; this one says what other
+    prompts must stay. x_t is the erasure step's own state: with cross-attention training, what
+    moves is mostly how the text is read, so the state matters less than the prompt.
+    """
+    with torch.no_grad():
+        target = anchor(x_t, t, cond).sample  # (B, C, H, W)
+    return F.mse_loss(unet(x_t, t, cond).sample.float(), target.float())
+
+
+def add_preservation(s: Setup, unet: UNet2DConditionModel, loss: torch.Tensor, x_t: torch.Tensor,
+                     t: torch.Tensor, step: int, weight: float) -> torch.Tensor:  # fmt: skip
+    """``loss`` plus the weighted preserve term of this step's preserve prompt (if any)."""
+    if s.preserve is None or s.anchor is None:
+        return loss
+    cond = s.preserve[step % len(s.preserve)].expand(x_t.shape[0], -1, -1)
+    return loss + weight * preservation_loss(unet, s.anchor, x_t, t, cond)
 
 
 def merge_lora(unet: UNet2DConditionModel) -> tuple[UNet2DConditionModel, list[str]]:

@@ -20,7 +20,14 @@ from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from hfi_core.config import DistillConfig
-from hfi_core.distill.common import load_checkpoint, prepare, run_trajectory, sample_step_index, save_checkpoint
+from hfi_core.distill.common import (
+    add_preservation,
+    load_checkpoint,
+    prepare,
+    run_trajectory,
+    sample_step_index,
+    save_checkpoint,
+)
 
 
 @torch.no_grad()
@@ -52,7 +59,7 @@ def train_esd(
     """
     unet = pipe.unet
     frozen = copy.deepcopy(unet).eval().requires_grad_(False)
-    s = prepare(pipe, cfg, concept_prompts)
+    s = prepare(pipe, cfg, concept_prompts, anchor=frozen)
     names = s.names
     start, ckpt = 0, Path(work) / "checkpoint"
     if resume and (restored := load_checkpoint(ckpt, s.opt, s.rng, s.gen)) is not None:
@@ -71,6 +78,7 @@ def train_esd(
         )  # model in training
         target = esd_target(frozen, x_t, t, cond, s.uncond, cfg.esd_eta)
         loss = F.mse_loss(unet(x_t, t, cond).sample.float(), target.float())
+        loss = add_preservation(s, unet, loss, x_t, t, step, cfg.preserve_weight)
         s.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip)

@@ -9,6 +9,9 @@ Each step:
    unconditional prediction, stop-gradient, is the target of its conditional one);
 4. AdamW step on the trainable parameters (cross-attention by default), then the EMA update.
 
+Optionally (``distill.preserve_prompts``, not in the paper) an anchor term keeps other prompts'
+predictions at the original model's: ``common.preservation_loss``.
+
 The EMA teacher is what is saved and evaluated.
 """
 
@@ -24,6 +27,7 @@ from tqdm.auto import tqdm
 from hfi_core.config import DistillConfig
 from hfi_core.distill.common import (
     EMA,
+    add_preservation,
     load_checkpoint,
     prepare,
     run_trajectory,
@@ -80,7 +84,7 @@ def train_sdd(
         cond = s.cond_all[step % len(s.cond_all)].expand(cfg.batch_size, -1, -1)  # concepts cycle with the step
         k = sample_step_index(cfg.sampler_steps, s.rng, cfg.timestep_alpha, cfg.timestep_beta)
         x_t, t = run_trajectory(ema.teacher, s.sched, cond, s.uncond, k, cfg.guidance, s.latent_shape, s.gen)
-        loss = sdd_loss(unet, x_t, t, cond, s.uncond)
+        loss = add_preservation(s, unet, sdd_loss(unet, x_t, t, cond, s.uncond), x_t, t, step, cfg.preserve_weight)
         s.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip)

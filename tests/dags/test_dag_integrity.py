@@ -91,3 +91,48 @@ def test_ruff_airflow_rules_are_clean():
     ruff = Path(sys.executable).with_name("ruff")
     result = subprocess.run([str(ruff), "check", "--select", "AIR", str(DAGS)], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout
+
+
+def _operators(runner: str, gpus: str) -> dict:
+    """Build the removal DAG's operators in a fresh interpreter with HFI_STEP_RUNNER=runner and
+    report, per task, the class and its GPU settings."""
+    code = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import hfi_steps
+out = {}
+for stage in hfi_steps.STAGES:
+    op = hfi_steps.step_task(stage)
+    info = {"class": type(op).__name__}
+    if info["class"] == "DockerOperator":
+        info["gpu"] = [r.count for r in (op.device_requests or [])]
+    if info["class"] == "KubernetesPodOperator":
+        res = op.container_resources
+        info["gpu"] = (res.limits or {}).get("nvidia.com/gpu") if res else None
+        info["tolerations"] = len(op.tolerations or [])
+        info["node_selector"] = op.node_selector or {}
+    out[stage] = info
+print(json.dumps(out))
+"""
+    env = {**os.environ, "HFI_STEP_RUNNER": runner, "HFI_STEP_GPUS": gpus}
+    result = subprocess.run([sys.executable, "-c", code, str(DAGS)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_one_setting_switches_steps_to_docker_or_kubernetes_with_gpus_only_where_asked():
+    local = _operators("local", "all")
+    assert {v["class"] for v in local.values()} == {"BashOperator"}
+
+    docker = _operators("docker", "all")
+    assert {v["class"] for v in docker.values()} == {"DockerOperator"}
+    assert docker["distill"]["gpu"] == [-1] and docker["generate"]["gpu"] == [-1]
+    assert docker["publish"]["gpu"] == [] and docker["register"]["gpu"] == []
+    assert _operators("docker", "none")["distill"]["gpu"] == []
+    assert _operators("docker", "2")["distill"]["gpu"] == [2]
+
+    pods = _operators("kubernetes", "all")
+    assert {v["class"] for v in pods.values()} == {"KubernetesPodOperator"}
+    assert pods["distill"]["gpu"] == "1" and pods["distill"]["tolerations"] == 1
+    assert pods["distill"]["node_selector"] == {"nvidia.com/gpu.present": "true"}
+    assert pods["reward"]["gpu"] is None and pods["reward"]["tolerations"] == 0

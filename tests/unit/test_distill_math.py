@@ -12,6 +12,7 @@ from hfi_core.distill.common import (
     EMA,
     ddim_scheduler,
     encode_prompts,
+    preservation_loss,
     run_trajectory,
     sample_step_index,
     select_trainable,
@@ -61,6 +62,35 @@ def test_sdd_loss_sends_no_gradient_through_its_target(pipe):
         torch.allclose(a, p.grad)
         for a, p in zip(grads, [p for p in pipe.unet.parameters() if p.grad is not None], strict=True)
     )
+
+
+def test_preservation_loss_is_zero_for_the_original_and_pulls_a_changed_model_back(pipe):
+    anchor = copy.deepcopy(pipe.unet).eval().requires_grad_(False)
+    x, t = torch.randn(2, 4, 16, 16), torch.tensor([400, 100])
+    cond = encode_prompts(pipe, ["a red circle with polka dots"] * 2)
+    assert preservation_loss(pipe.unet, anchor, x, t, cond).item() == 0.0
+    trained = select_trainable(pipe.unet, "attn2_kv")
+    with torch.no_grad():
+        for _, p in trained:
+            p.add_(0.05 * torch.randn_like(p))
+    loss = preservation_loss(pipe.unet, anchor, x, t, cond)
+    assert loss.item() > 0.0
+    loss.backward()
+    opt = torch.optim.SGD([p for _, p in trained], lr=0.5)
+    opt.step()  # one step down the anchor's gradient moves the model back towards the original
+    assert preservation_loss(pipe.unet, anchor, x, t, cond).item() < loss.item()
+    assert all(p.grad is None for p in anchor.parameters())
+
+
+def test_preserve_prompts_keep_training_resumable_bit_for_bit(base_pipe, tmp_path):
+    cfg = DistillConfig(steps=4, lr=1e-3, sampler_steps=6, checkpoint_every=2, preserve_prompts=["a with polka dots"])
+    prompts = ["a red circle in the style of van stripe"]
+    straight, _, _ = train_sdd(copy.deepcopy(base_pipe), cfg, prompts, tmp_path / "a", show_progress=False)
+    short = DistillConfig(**{**vars(cfg), "steps": 2})
+    train_sdd(copy.deepcopy(base_pipe), short, prompts, tmp_path / "b", show_progress=False)
+    resumed, _, _ = train_sdd(copy.deepcopy(base_pipe), cfg, prompts, tmp_path / "b", resume=True, show_progress=False)
+    a, b = straight.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
 
 
 def test_ema_update_moves_the_teacher_a_fraction_of_the_way_and_only_on_trained_parameters(pipe):

@@ -1,0 +1,396 @@
+"""The paper's comparison on the toy world: every removal method through the pipeline's own code.
+
+One upstream run (generate, simulated feedback, reward model, HFI token: ``stages.py``), then
+
+    sd, negative prompt, SLD medium/max          inference-time, nothing trains
+    ESD-x and SDD on the text concept             ``distill.use_token: false``
+    HFI+ESD-x and HFI+SDD                         the same trainings on the HFI token
+
+each evaluated by ``evaluation.evaluate`` on the same evaluation seeds, which are never the
+validation seeds the hyperparameters were chosen on (both are recorded). Methods of one family
+(ESD-x / HFI+ESD-x, SDD / HFI+SDD) share one ``DistillConfig``: only the prompts differ.
+
+Trainings and evaluations run in a pool of ``jobs`` processes, one torch thread each, a fresh
+process per task so that its peak memory is its own.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, replace
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+
+from hfi_core.config import ConfigError, DistillConfig, RunConfig, from_dict
+
+Family = Literal["sdd", "esd"]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the comparison."""
+
+    name: str
+    family: Family | None = None
+    """The training family, or None for an inference-time method."""
+    token: bool = False
+    """Train on the HFI token (True) or on the text concept (False)."""
+    inference: str = "none"
+    """``evaluation.Variant.inference``: none, negative_prompt, sld-medium, sld-max..."""
+
+
+METHODS = (
+    Method("sd"),
+    Method("negative prompt", inference="negative_prompt"),
+    Method("sld-medium", inference="sld-medium"),
+    Method("sld-max", inference="sld-max"),
+    Method("esd-x", family="esd"),
+    Method("sdd", family="sdd"),
+    Method("hfi+esd-x", family="esd", token=True),
+    Method("hfi+sdd", family="sdd", token=True),
+)
+
+
+@dataclass
+class QuickConfig:
+    """What ``--quick`` shrinks: a smoke run, not a measurement."""
+
+    n_per_group: int = 32
+    """Evaluation images per prompt group."""
+    images_per_prompt: int = 4
+    """Upstream images per prompt (feedback, reward, token)."""
+    invert_steps: int = 100
+    """Token training steps."""
+    distill_steps: int = 150
+    """Training steps of every removal method."""
+
+
+@dataclass
+class BenchConfig:
+    """``benchmarks/removal.yaml``: the comparison's settings, validated on load."""
+
+    config: str
+    """The run config (prompts, world, feedback, reward, token, evaluators), relative to this file."""
+    text_concept: str
+    """The concept in words, for the text-only methods: negative prompt and SLD's safety concept."""
+    sdd: DistillConfig
+    """Hyperparameters of SDD and HFI+SDD (``use_token`` is set per method)."""
+    esd: DistillConfig
+    """Hyperparameters of ESD-x and HFI+ESD-x."""
+    eval_seed: int = 3_000_000
+    """First evaluation seed; every method draws the same seeds."""
+    validation_seed: int = 2_000_000
+    """First seed of the validation set the hyperparameters were chosen on (recorded, never evaluated here)."""
+    n_per_group: int = 128
+    """Evaluation images per prompt group, at least (rounded up to whole prompts)."""
+    quick: QuickConfig = field(default_factory=QuickConfig)
+    """Settings of ``--quick``."""
+
+    def __post_init__(self) -> None:
+        if self.eval_seed == self.validation_seed:
+            raise ConfigError("eval_seed: must differ from validation_seed (no tuning on the evaluation seeds)")
+        if self.sdd.method != "sdd" or self.esd.method != "esd":
+            raise ConfigError("sdd.method / esd.method: the families are 'sdd' and 'esd'")
+
+
+def load_bench_config(path: str | Path) -> tuple[BenchConfig, RunConfig]:
+    """Read ``benchmarks/removal.yaml`` and the run config it names."""
+    from hfi_core.config import load_config
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read YAML: {e}") from None
+    try:
+        bench = from_dict(BenchConfig, data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return bench, load_config(path.parent / bench.config)
+
+
+def per_prompt(cfg: RunConfig, n_per_group: int) -> int:
+    """Images per prompt so that every group gets at least ``n_per_group``."""
+    return max(math.ceil(n_per_group / len(ps.prompts)) for ps in cfg.prompts)
+
+
+def method_config(cfg: RunConfig, bench: BenchConfig, m: Method, quick: bool) -> RunConfig:
+    """The run config a method trains with: its family's hyperparameters, token or text."""
+    dc = bench.sdd if m.family == "sdd" else bench.esd
+    dc = replace(dc, use_token=m.token)
+    if quick:
+        dc = replace(dc, steps=bench.quick.distill_steps, checkpoint_every=0)
+    return replace(cfg, distill=dc)
+
+
+def quick_config(cfg: RunConfig, bench: BenchConfig) -> RunConfig:
+    """The upstream run shrunk for ``--quick``."""
+    prompts = [replace(ps, images_per_prompt=bench.quick.images_per_prompt) for ps in cfg.prompts]
+    return replace(cfg, prompts=prompts, invert=replace(cfg.invert, steps=bench.quick.invert_steps))
+
+
+# ----------------------------------------------------------------------------- pool workers
+
+
+def _train(cfg: RunConfig, run: Path, out: Path, threads: int) -> dict[str, Any]:
+    import torch
+
+    from hfi_core.stages import stage_distill
+
+    torch.set_num_threads(threads)
+    return stage_distill(cfg, run, out=out, show_progress=False)
+
+
+def _evaluate(cfg: RunConfig, variant: Any, out: Path, n_per_prompt: int, seed: int, threads: int) -> dict[str, Any]:
+    import torch
+
+    from hfi_core.evaluation import evaluate
+
+    torch.set_num_threads(threads)
+    t0 = time.time()
+    metrics, images = evaluate(
+        cfg, variant, out, n_per_prompt=n_per_prompt, seed=seed, clip_path=cfg.evaluate.clip or None,
+        oracle_dir=cfg.evaluate.oracle or None,
+    )  # fmt: skip
+    np.save(out / "images.npy", images)
+    metrics["seconds"] = round(time.time() - t0, 1)
+    return metrics
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def run_removal_bench(
+    cfg: RunConfig,
+    bench: BenchConfig,
+    out: Path,
+    *,
+    quick: bool = False,
+    jobs: int = 2,
+    threads: int = 1,
+    tracker: Any = None,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Run the comparison into ``out``: results.json, results.md, grid.png, one folder per method.
+
+    Args:
+        tracker: a ``tracking.Tracker`` for a parent run and one child per method, or None.
+        log: where progress lines go.
+    Returns:
+        The content of results.json.
+    """
+    from hfi_core.evaluation import Variant
+    from hfi_core.stages import stage_feedback, stage_generate, stage_invert, stage_publish, stage_reward
+
+    out = Path(out)
+    run = out / "run"
+    t_start = time.time()
+    if quick:
+        cfg = quick_config(cfg, bench)
+    n_group = bench.quick.n_per_group if quick else bench.n_per_group
+    n_prompt = per_prompt(cfg, n_group)
+    upstream: dict[str, Any] = {}
+    for name, call in (("generate", lambda: stage_generate(cfg, run, show_progress=False)),
+                       ("publish", lambda: stage_publish(cfg, run)), ("feedback", lambda: stage_feedback(cfg, run)),
+                       ("reward", lambda: stage_reward(cfg, run)),
+                       ("invert", lambda: stage_invert(cfg, run, show_progress=False))):  # fmt: skip
+        t0 = time.time()
+        upstream[name] = call()
+        upstream[f"{name}_seconds"] = round(time.time() - t0, 1)
+        log(f"upstream {name}: {upstream[f'{name}_seconds']} s")
+
+    def variant(m: Method) -> Variant:
+        unet = str(out / "methods" / _slug(m.name) / "distill" / "unet") if m.family else None
+        return Variant(m.name, unet=unet, inference=m.inference, negative_prompt=bench.text_concept,  # type: ignore[arg-type]
+                       safety_concept=bench.text_concept)  # fmt: skip
+
+    trained: dict[str, dict[str, Any]] = {}
+    evaluated: dict[str, dict[str, Any]] = {}
+    ctx = get_context("spawn")  # fresh interpreters: no torch state shared with the parent
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+        pending: dict[Future, tuple[str, Method]] = {}
+
+        def submit_eval(m: Method) -> None:
+            folder = out / "methods" / _slug(m.name) / "evaluate"
+            fut = pool.submit(_evaluate, cfg, variant(m), folder, n_prompt, bench.eval_seed, threads)
+            pending[fut] = ("evaluate", m)
+
+        for m in METHODS:  # the trainings first: they are the long tasks
+            if m.family:
+                fut = pool.submit(_train, method_config(cfg, bench, m, quick), run,
+                                  out / "methods" / _slug(m.name) / "distill", threads)  # fmt: skip
+                pending[fut] = ("train", m)
+        for m in METHODS:
+            if not m.family:
+                submit_eval(m)
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                kind, m = pending.pop(fut)
+                result = fut.result()
+                if kind == "train":
+                    trained[m.name] = result
+                    log(f"trained {m.name}: {result['seconds']} s")
+                    submit_eval(m)
+                else:
+                    evaluated[m.name] = result
+                    log(f"evaluated {m.name}: {result['seconds']} s")
+
+    results = _collect(cfg, bench, out, trained, evaluated, upstream, quick=quick, n_prompt=n_prompt)
+    results["seconds"] = round(time.time() - t_start, 1)
+    (out / "results.json").write_text(json.dumps(results, indent=2))
+    (out / "results.md").write_text(results_table(results))
+    save_method_grid(out, cfg, n_prompt)
+    if tracker is not None:
+        _track(tracker, out, results)
+    return results
+
+
+def _slug(name: str) -> str:
+    return name.replace(" ", "_").replace("+", "_")
+
+
+def _collect(cfg: RunConfig, bench: BenchConfig, out: Path, trained: dict, evaluated: dict, upstream: dict,
+             *, quick: bool, n_prompt: int) -> dict[str, Any]:  # fmt: skip
+    """One row of numbers per method; drift against SD's images of the same prompts and seeds."""
+    base = np.load(out / "methods" / "sd" / "evaluate" / "images.npy").astype(np.float32)
+    groups = [ps.group for ps in cfg.prompts]
+    sizes = [len(ps.prompts) * n_prompt for ps in cfg.prompts]
+    starts = np.cumsum([0, *sizes])
+    rows: dict[str, dict[str, Any]] = {}
+    for m in METHODS:
+        g = evaluated[m.name]["groups"]
+        images = np.load(out / "methods" / _slug(m.name) / "evaluate" / "images.npy").astype(np.float32)
+        keep = [i for i, grp in enumerate(groups) if not grp.startswith("target")]
+        drift = np.mean([np.abs(images[starts[i] : starts[i + 1]] - base[starts[i] : starts[i + 1]]).mean() / 255
+                         for i in keep])  # fmt: skip
+        row: dict[str, Any] = {}
+        for grp in groups:
+            if grp.startswith("target"):
+                row[f"striped[{grp.removeprefix('target:')}]"] = g[grp]["oracle_striped"]
+        for grp in groups:
+            if grp.startswith("preserve"):
+                style = grp.split(":")[-1]
+                row[f"{style}[{style}]"] = g[grp][f"oracle_{style}"]
+        row["shape_acc"] = float(np.mean([g[grp]["oracle_shape_acc"] for grp in groups]))
+        row["color_acc"] = float(np.mean([g[grp]["oracle_color_acc"] for grp in groups]))
+        row["drift_non_target"] = float(drift)
+        row["clip_concept_rate_target"] = float(np.mean([g[grp]["clip_concept_rate"] for grp in groups
+                                                         if grp.startswith("target")]))  # fmt: skip
+        t = trained.get(m.name, {})
+        row["train_seconds"] = t.get("seconds", 0.0)
+        row["peak_memory_mb"] = t.get("peak_memory_mb")
+        row["eval_seconds"] = evaluated[m.name]["seconds"]
+        rows[m.name] = row
+    return {
+        "mode": "quick" if quick else "full",
+        "methods": rows,
+        "groups": {m.name: evaluated[m.name]["groups"] for m in METHODS},
+        "settings": {
+            "eval_seed": bench.eval_seed,
+            "validation_seed": bench.validation_seed,
+            "images_per_prompt": n_prompt,
+            "images_per_group": {ps.group: len(ps.prompts) * n_prompt for ps in cfg.prompts},
+            "text_concept": bench.text_concept,
+            "families": {
+                "sdd": asdict(method_config(cfg, bench, METHODS[5], quick).distill),
+                "esd": asdict(method_config(cfg, bench, METHODS[4], quick).distill),
+            },  # fmt: skip
+            "generation": asdict(cfg.generation),
+            "token": cfg.invert.token,
+        },
+        "upstream": upstream,
+        "evaluators": evaluated["sd"]["evaluators"],
+    }
+
+
+COLUMNS = (
+    ("striped[explicit]", "striped: explicit"),
+    ("striped[implicit:zebra]", "striped: zebra"),
+    ("striped[implicit:barcode]", "striped: barcode"),
+    ("dotted[dotted]", "dotted on dotted"),
+    ("plain[plain]", "plain on plain"),
+    ("shape_acc", "shape acc"),
+    ("color_acc", "colour acc"),
+    ("drift_non_target", "drift (non-target)"),
+    ("clip_concept_rate_target", "tiny-CLIP concept rate (target)"),
+    ("train_seconds", "train s"),
+    ("peak_memory_mb", "peak MB"),
+)
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """results.md: one row per method; oracle shares and accuracies, drift, CLIP, cost."""
+    s = results["settings"]
+    lines = [
+        f"# Removal on the toy world ({results['mode']} mode)",
+        "",
+        f"{min(s['images_per_group'].values())}+ images per prompt group, evaluation seeds from {s['eval_seed']} "
+        f"(hyperparameters chosen on validation seeds from {s['validation_seed']}); oracle-judged shares.",
+        "",
+        "| method | " + " | ".join(title for _, title in COLUMNS) + " |",
+        "|---|" + "---|" * len(COLUMNS),
+    ]
+    for name, row in results["methods"].items():
+        cells = []
+        for key, _ in COLUMNS:
+            v = row.get(key)
+            cells.append("" if v is None else f"{v:.0f}" if key in ("train_seconds", "peak_memory_mb") else f"{v:.3f}")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", f"Total wall time: {results.get('seconds', 0):.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def save_method_grid(out: Path, cfg: RunConfig, n_prompt: int, per_cell: int = 4) -> None:
+    """grid.png: rows = methods, columns = prompt groups; in each cell the first image of the
+    group's first ``per_cell`` prompts, the same seeds in every row."""
+    from PIL import Image, ImageDraw
+
+    rows = []
+    label_w, pad = 110, 6
+    starts = np.cumsum([0, *[len(ps.prompts) * n_prompt for ps in cfg.prompts]])
+    for m in METHODS:
+        images = np.load(out / "methods" / _slug(m.name) / "evaluate" / "images.npy")
+        cells = []
+        for gi, ps in enumerate(cfg.prompts):
+            idx = [starts[gi] + p * n_prompt for p in range(min(per_cell, len(ps.prompts)))]
+            cell = np.concatenate([images[i] for i in idx], axis=1)
+            cells.append(np.pad(cell, ((0, 0), (0, pad), (0, 0)), constant_values=255))
+        rows.append(np.concatenate(cells, axis=1))
+    grid = np.concatenate(rows, axis=0)
+    scale = max(1, 64 // images.shape[1])  # 32-px toy images shown at 64 px
+    h, w = grid.shape[0] * scale, grid.shape[1] * scale
+    img = Image.fromarray(grid).resize((w, h), Image.NEAREST)
+    canvas = Image.new("RGB", (w + label_w, h + 20), "white")
+    canvas.paste(img, (label_w, 20))
+    draw = ImageDraw.Draw(canvas)
+    row_h, col_w = h // len(METHODS), w // len(cfg.prompts)
+    for i, m in enumerate(METHODS):
+        draw.text((4, 20 + i * row_h + row_h // 2 - 5), m.name, fill="black")
+    for j, ps in enumerate(cfg.prompts):
+        draw.text((label_w + j * col_w + 2, 4), ps.group, fill="black")
+    canvas.save(out / "grid.png")
+
+
+def _track(tracker: Any, out: Path, results: dict[str, Any]) -> None:
+    """A parent run for the benchmark, a child per method with its row as metrics."""
+    tags = {"hfi.kind": "bench-removal", "hfi.mode": results["mode"]}
+    parent = tracker.parent(str(out.resolve()), f"bench-removal-{results['mode']}", results["settings"], tags)
+    for name, row in results["methods"].items():
+        child = tracker.child(parent, name, tags)
+        tracker.log_metrics(child, {k.replace("[", ".").replace("]", ""): v for k, v in row.items()})
+        tracker.log_metrics(child, results["groups"][name], prefix="groups.")
+        grid = out / "methods" / _slug(name) / "evaluate" / "grid.png"
+        if grid.exists():
+            tracker.log_file(child, grid)
+        tracker.finish(child)
+    for f in ("results.md", "results.json", "grid.png"):
+        tracker.log_file(parent, out / f)
+    tracker.finish(parent)
