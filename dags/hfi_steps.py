@@ -40,7 +40,7 @@ TIMEOUTS = {
     "register": 0.25,
 }
 PARAMS_FILE = Path(__file__).with_name("hfi_params.json")
-SECRET_ENV = "/run/secrets/hfi.env"  # where a Docker step finds HFI_DOCKER_ENV_FILE
+SECRET_ENV = "/run/secrets/hfi-env"  # where a Docker step finds HFI_DOCKER_ENV_FILE (no ".env": see below)
 # What the step reads about its Airflow run, passed explicitly to containers and pods.
 CONTEXT_ENV = {
     "AIRFLOW_CTX_DAG_ID": "{{ dag.dag_id }}",
@@ -131,7 +131,10 @@ def step_task(stage: str):
         # (rendered templates, XCom, logs).
         env_file, mounts = os.environ.get("HFI_DOCKER_ENV_FILE"), []
         if env_file:
-            mounts = [Mount(target=SECRET_ENV, source=env_file, type="bind", read_only=True)]
+            # ``mounts`` is a templated field and DockerOperator reads any string ending in ".env"
+            # as a template file to load; a Jinja string literal renders to the path itself.
+            source = "{{ " + json.dumps(env_file) + " }}"
+            mounts = [Mount(target=SECRET_ENV, source=source, type="bind", read_only=True)]
             command = f"set -a && . {SECRET_ENV} && set +a && {command}"
         return DockerOperator(
             image=IMAGE,
