@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from mlflow.tracking import MlflowClient
 
 ROOT = Path(__file__).parents[2]
@@ -98,7 +99,7 @@ def test_one_parent_run_and_one_finished_child_per_step_with_metrics_and_airflow
     parents = client.search_runs([exp.experiment_id], "tags.`hfi.level` = 'parent'")
     assert len(parents) == 1
     parent = parents[0]
-    assert parent.data.params["distill.method"] == "sdd"
+    assert parent.data.params["distill.method"] == yaml.safe_load(nightly["config"].read_text())["distill"]["method"]
     children = client.search_runs([exp.experiment_id], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
     by_stage = {}
     for c in children:

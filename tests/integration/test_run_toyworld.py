@@ -46,7 +46,8 @@ def test_every_stage_leaves_its_outputs(run):
         summary["distilled"]["target:explicit"]["drift"] >= 0 and "oracle_striped" in summary["sd"]["target:explicit"]
     )
     card = (run / "distill" / "README.md").read_text()
-    assert "<hfi-striped>" in card and "SDD" in card
+    method = yaml.safe_load(CONFIG.read_text())["distill"]["method"]
+    assert "<hfi-striped>" in card and f"Method: **{method.upper()}**" in card
 
 
 def test_the_token_loads_with_load_textual_inversion(run, world):
