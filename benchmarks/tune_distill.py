@@ -1,0 +1,84 @@
+"""Validation runs for the removal hyperparameters (benchmarks/results/removal_tuning.md).
+
+Trains one SDD/ESD variant on an upstream run and evaluates the saved model (and, for SDD, the
+student) on the validation seeds, printing the oracle's shares per prompt group:
+
+    hfi run configs/toyworld-striped.yaml --out runs/base        # once: the upstream run
+    python benchmarks/tune_distill.py runs/base H distill.method=esd distill.lr=0.002
+
+Overrides apply on top of BASE, the distill section the tuning table started from.
+"""
+
+import json
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+
+from hfi_core.config import load_config
+from hfi_core.distill.esd import train_esd
+from hfi_core.distill.sdd import train_sdd
+from hfi_core.evaluation import Variant, evaluate
+from hfi_core.models import load_sd_pipeline
+from hfi_core.stages import concept_prompts
+
+CONFIG = Path(__file__).parents[1] / "configs" / "toyworld-striped.yaml"
+OUT = Path("tune-out")
+VALIDATION_SEED = 2_000_000
+BASE = {
+    "distill.method": "sdd",
+    "distill.lr": 4e-4,
+    "distill.ema_decay": 0.999,
+    "distill.steps": 600,
+    "distill.trainable": "attn2_kv",
+    "distill.concept_prompts": ["a {token}"],
+    "distill.checkpoint_every": 0,
+}
+
+
+def main(run: Path, name: str, args: list[str]) -> None:
+    torch.set_num_threads(1)
+    overrides = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args)}
+    cfg = load_config(CONFIG, {**BASE, **overrides})
+    dc, out = cfg.distill, OUT / name
+    out.mkdir(parents=True, exist_ok=True)
+    common = dict(n_per_prompt=4, seed=VALIDATION_SEED, clip_path=None, oracle_dir=cfg.evaluate.oracle)
+    base_npy = OUT / f"sd_{VALIDATION_SEED}.npy"
+    if not base_npy.exists():
+        _, base = evaluate(cfg, Variant("sd"), OUT / "sd", **common)
+        np.save(base_npy, base)
+    base = np.load(base_npy)
+    pipe = load_sd_pipeline(replace(cfg.model, dtype="float32"), "ddim")
+    token = None
+    if dc.use_token:
+        pipe.load_textual_inversion(str(run / "invert"))
+        token = cfg.invert.token
+    t0 = time.time()
+    train = train_sdd if dc.method == "sdd" else train_esd
+    teacher, _, _ = train(pipe, dc, concept_prompts(cfg, token), out / "work", show_progress=False)
+    seconds = time.time() - t0
+    teacher.save_pretrained(out / "teacher")
+    pipe.unet.save_pretrained(out / "student")
+    result = {"overrides": overrides, "train_s": round(seconds, 1)}
+    for v in ["teacher", "student"] if dc.method == "sdd" else ["teacher"]:
+        m, _ = evaluate(cfg, Variant(v, unet=str(out / v)), out / f"eval_{v}", base_images=base, **common)
+        result[v] = {
+            g: {k: round(x, 3) for k, x in d.items() if k.startswith("oracle") or k == "drift"}
+            for g, d in m["groups"].items()
+        }
+    (out / "result.json").write_text(json.dumps(result, indent=1))
+    print(name, json.dumps(overrides), f"train {seconds:.0f}s")
+    for v in [k for k in ("teacher", "student") if k in result]:
+        for g, d in result[v].items():
+            print(
+                f"  {v:8s} {g:26s} striped {d['oracle_striped']:.2f} dotted {d['oracle_dotted']:.2f} "
+                f"plain {d['oracle_plain']:.2f} shape {d['oracle_shape_acc']:.2f} colour {d['oracle_color_acc']:.2f}"
+            )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3:])
