@@ -177,12 +177,14 @@ def run_removal_bench(
     threads: int = 1,
     tracker: Any = None,
     log: Any = print,
+    provenance: dict[str, str] | None = None,
 ) -> dict[str, Any]:
     """Run the comparison into ``out``: results.json, results.md, grid.png, one folder per method.
 
     Args:
         tracker: a ``tracking.Tracker`` for a parent run and one child per method, or None.
         log: where progress lines go.
+        provenance: how the run was made (command, commit), written into the results.
     Returns:
         The content of results.json.
     """
@@ -245,6 +247,7 @@ def run_removal_bench(
 
     results = _collect(cfg, bench, out, trained, evaluated, upstream, quick=quick, n_prompt=n_prompt)
     results["seconds"] = round(time.time() - t_start, 1)
+    results["provenance"] = provenance or {}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(results_table(results))
     save_method_grid(out, cfg, n_prompt)
@@ -345,6 +348,8 @@ def results_table(results: dict[str, Any]) -> str:
             cells.append("" if v is None else f"{v:.0f}" if key in ("train_seconds", "peak_memory_mb") else f"{v:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Total wall time: {results.get('seconds', 0):.0f} s."]
+    for k, v in results.get("provenance", {}).items():
+        lines.append(f"{k.capitalize()}: `{v}`")
     return "\n".join(lines) + "\n"
 
 

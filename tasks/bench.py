@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 from tasks.common import add_runtime_args, setup_runtime
@@ -42,8 +44,30 @@ def _removal(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or f"sqlite:///{args.out.resolve()}/mlflow.db"
     artifacts = None if args.tracking_uri else (args.out.resolve() / "mlartifacts").as_uri()
     tracker = Tracker(uri, args.experiment, artifact_location=artifacts)
+    provenance = {"command": " ".join(["hfi", *sys.argv[1:]]), "commit": _commit(), "machine": _machine()}
     results = run_removal_bench(cfg, bench, args.out, quick=args.quick, jobs=args.jobs, threads=args.threads,
-                                tracker=tracker)  # fmt: skip
+                                tracker=tracker, provenance=provenance)  # fmt: skip
     print((args.out / "results.md").read_text())
     print(f"grid: {args.out / 'grid.png'}   MLflow: mlflow ui --backend-store-uri {uri}")
     return 0 if results else 1
+
+
+def _commit() -> str:
+    """The commit the benchmark ran from (+ "-dirty" with uncommitted changes), or "unknown"."""
+    root = Path(__file__).parents[1]
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True).stdout.strip()  # fmt: skip
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("HFI_GIT_COMMIT", "unknown")
+
+
+def _machine() -> str:
+    import platform
+
+    import torch
+
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU x{os.cpu_count()}"
+    return f"{platform.machine()} {device}, torch {torch.__version__}"
