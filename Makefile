@@ -28,7 +28,7 @@ demo: $(STAMP)
 
 ## test: the whole test suite, two workers (one per core; each test module stays on one worker)
 test: $(STAMP) system
-	$(PY) -m pytest -q -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
 
 # Debian packages the container test needs (a Docker engine, debootstrap for the local base
 # image). Installed when missing and when we may; otherwise that test skips and says why.
