@@ -303,9 +303,8 @@ def _collect(cfg: RunConfig, bench: BenchConfig, out: Path, trained: dict, evalu
             "images_per_group": {ps.group: len(ps.prompts) * n_prompt for ps in cfg.prompts},
             "text_concept": bench.text_concept,
             "families": {
-                "sdd": asdict(method_config(cfg, bench, METHODS[5], quick).distill),
-                "esd": asdict(method_config(cfg, bench, METHODS[4], quick).distill),
-            },  # fmt: skip
+                f: asdict(method_config(cfg, bench, Method(f, family=f), quick).distill) for f in ("sdd", "esd")
+            },
             "generation": asdict(cfg.generation),
             "token": cfg.invert.token,
         },
