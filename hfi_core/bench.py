@@ -31,6 +31,7 @@ import yaml
 from hfi_core.config import ConfigError, DistillConfig, RunConfig, from_dict
 
 Family = Literal["sdd", "esd"]
+UPSTREAM = ("generate", "publish", "feedback", "reward", "invert")  # the stages every method shares
 
 
 @dataclass(frozen=True)
@@ -189,7 +190,7 @@ def run_removal_bench(
         The content of results.json.
     """
     from hfi_core.evaluation import Variant
-    from hfi_core.stages import stage_feedback, stage_generate, stage_invert, stage_publish, stage_reward
+    from hfi_core.stages import run_all
 
     out = Path(out)
     run = out / "run"
@@ -198,18 +199,13 @@ def run_removal_bench(
         cfg = quick_config(cfg, bench)
     n_group = bench.quick.n_per_group if quick else bench.n_per_group
     n_prompt = per_prompt(cfg, n_group)
-    upstream: dict[str, Any] = {}
-    for name, call in (("generate", lambda: stage_generate(cfg, run, show_progress=False)),
-                       ("publish", lambda: stage_publish(cfg, run)), ("feedback", lambda: stage_feedback(cfg, run)),
-                       ("reward", lambda: stage_reward(cfg, run)),
-                       ("invert", lambda: stage_invert(cfg, run, show_progress=False))):  # fmt: skip
-        t0 = time.time()
-        upstream[name] = call()
-        upstream[f"{name}_seconds"] = round(time.time() - t0, 1)
-        log(f"upstream {name}: {upstream[f'{name}_seconds']} s")
+    # The HFI methods need the token whatever the run config's own distill section says.
+    upstream_cfg = replace(cfg, distill=replace(cfg.distill, use_token=True))
+    upstream = run_all(upstream_cfg, run, show_progress=False, stages=UPSTREAM)
+    log("upstream: " + ", ".join(f"{n} {upstream[f'{n}_seconds']} s" for n in UPSTREAM))
 
     def variant(m: Method) -> Variant:
-        unet = str(out / "methods" / _slug(m.name) / "distill" / "unet") if m.family else None
+        unet = str(method_dir(out, m.name) / "distill" / "unet") if m.family else None
         return Variant(m.name, unet=unet, inference=m.inference, negative_prompt=bench.text_concept,  # type: ignore[arg-type]
                        safety_concept=bench.text_concept)  # fmt: skip
 
@@ -220,14 +216,14 @@ def run_removal_bench(
         pending: dict[Future, tuple[str, Method]] = {}
 
         def submit_eval(m: Method) -> None:
-            folder = out / "methods" / _slug(m.name) / "evaluate"
-            fut = pool.submit(_evaluate, cfg, variant(m), folder, n_prompt, bench.eval_seed, threads)
+            fut = pool.submit(_evaluate, cfg, variant(m), method_dir(out, m.name) / "evaluate", n_prompt,
+                              bench.eval_seed, threads)  # fmt: skip
             pending[fut] = ("evaluate", m)
 
         for m in METHODS:  # the trainings first: they are the long tasks
             if m.family:
                 fut = pool.submit(_train, method_config(cfg, bench, m, quick), run,
-                                  out / "methods" / _slug(m.name) / "distill", threads)  # fmt: skip
+                                  method_dir(out, m.name) / "distill", threads)  # fmt: skip
                 pending[fut] = ("train", m)
         for m in METHODS:
             if not m.family:
@@ -245,35 +241,39 @@ def run_removal_bench(
                     evaluated[m.name] = result
                     log(f"evaluated {m.name}: {result['seconds']} s")
 
-    results = _collect(cfg, bench, out, trained, evaluated, upstream, quick=quick, n_prompt=n_prompt)
+    images = {m.name: np.load(method_dir(out, m.name) / "evaluate" / "images.npy") for m in METHODS}
+    results = _collect(cfg, bench, images, trained, evaluated, upstream, quick=quick, n_prompt=n_prompt)
     results["seconds"] = round(time.time() - t_start, 1)
     results["provenance"] = provenance or {}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(results_table(results))
-    save_method_grid(out, cfg, n_prompt)
+    save_method_grid(out / "grid.png", images, cfg, n_prompt)
     if tracker is not None:
         _track(tracker, out, results)
     return results
 
 
-def _slug(name: str) -> str:
-    return name.replace(" ", "_").replace("+", "_")
+def method_dir(out: Path, name: str) -> Path:
+    """A method's folder under the benchmark's output: ``methods/<name>/{distill,evaluate}``."""
+    return Path(out) / "methods" / name.replace(" ", "_").replace("+", "_")
 
 
-def _collect(cfg: RunConfig, bench: BenchConfig, out: Path, trained: dict, evaluated: dict, upstream: dict,
-             *, quick: bool, n_prompt: int) -> dict[str, Any]:  # fmt: skip
+def group_slices(cfg: RunConfig, n_prompt: int) -> list[slice]:
+    """Where each prompt group's images lie in an evaluation's image array (``eval_plan`` order)."""
+    ends = np.cumsum([len(ps.prompts) * n_prompt for ps in cfg.prompts])
+    return [slice(int(e) - len(ps.prompts) * n_prompt, int(e)) for e, ps in zip(ends, cfg.prompts, strict=True)]
+
+
+def _collect(cfg: RunConfig, bench: BenchConfig, images: dict[str, np.ndarray], trained: dict, evaluated: dict,
+             upstream: dict, *, quick: bool, n_prompt: int) -> dict[str, Any]:  # fmt: skip
     """One row of numbers per method; drift against SD's images of the same prompts and seeds."""
-    base = np.load(out / "methods" / "sd" / "evaluate" / "images.npy").astype(np.float32)
+    base = images["sd"].astype(np.float32)  # (N, H, W, 3)
     groups = [ps.group for ps in cfg.prompts]
-    sizes = [len(ps.prompts) * n_prompt for ps in cfg.prompts]
-    starts = np.cumsum([0, *sizes])
+    kept = [sl for sl, grp in zip(group_slices(cfg, n_prompt), groups, strict=True) if not grp.startswith("target")]
     rows: dict[str, dict[str, Any]] = {}
     for m in METHODS:
         g = evaluated[m.name]["groups"]
-        images = np.load(out / "methods" / _slug(m.name) / "evaluate" / "images.npy").astype(np.float32)
-        keep = [i for i, grp in enumerate(groups) if not grp.startswith("target")]
-        drift = np.mean([np.abs(images[starts[i] : starts[i + 1]] - base[starts[i] : starts[i + 1]]).mean() / 255
-                         for i in keep])  # fmt: skip
+        drift = np.mean([np.abs(images[m.name][sl].astype(np.float32) - base[sl]).mean() / 255 for sl in kept])
         row: dict[str, Any] = {}
         for grp in groups:
             if grp.startswith("target"):
@@ -352,24 +352,25 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def save_method_grid(out: Path, cfg: RunConfig, n_prompt: int, per_cell: int = 4) -> None:
-    """grid.png: rows = methods, columns = prompt groups; in each cell the first image of the
-    group's first ``per_cell`` prompts, the same seeds in every row."""
+def save_method_grid(
+    path: Path, images: dict[str, np.ndarray], cfg: RunConfig, n_prompt: int, per_cell: int = 4
+) -> None:
+    """The grid figure: rows = methods, columns = prompt groups; in each cell the first image of
+    the group's first ``per_cell`` prompts, the same seeds in every row."""
     from PIL import Image, ImageDraw
 
     rows = []
     label_w, pad = 110, 6
-    starts = np.cumsum([0, *[len(ps.prompts) * n_prompt for ps in cfg.prompts]])
+    slices = group_slices(cfg, n_prompt)
     for m in METHODS:
-        images = np.load(out / "methods" / _slug(m.name) / "evaluate" / "images.npy")
         cells = []
-        for gi, ps in enumerate(cfg.prompts):
-            idx = [starts[gi] + p * n_prompt for p in range(min(per_cell, len(ps.prompts)))]
-            cell = np.concatenate([images[i] for i in idx], axis=1)
+        for sl, ps in zip(slices, cfg.prompts, strict=True):
+            idx = [sl.start + p * n_prompt for p in range(min(per_cell, len(ps.prompts)))]
+            cell = np.concatenate([images[m.name][i] for i in idx], axis=1)  # (H, per_cell * W, 3)
             cells.append(np.pad(cell, ((0, 0), (0, pad), (0, 0)), constant_values=255))
         rows.append(np.concatenate(cells, axis=1))
     grid = np.concatenate(rows, axis=0)
-    scale = max(1, 64 // images.shape[1])  # 32-px toy images shown at 64 px
+    scale = max(1, 64 // images["sd"].shape[1])  # 32-px toy images shown at 64 px
     h, w = grid.shape[0] * scale, grid.shape[1] * scale
     img = Image.fromarray(grid).resize((w, h), Image.NEAREST)
     canvas = Image.new("RGB", (w + label_w, h + 20), "white")
@@ -380,7 +381,7 @@ def save_method_grid(out: Path, cfg: RunConfig, n_prompt: int, per_cell: int = 4
         draw.text((4, 20 + i * row_h + row_h // 2 - 5), m.name, fill="black")
     for j, ps in enumerate(cfg.prompts):
         draw.text((label_w + j * col_w + 2, 4), ps.group, fill="black")
-    canvas.save(out / "grid.png")
+    canvas.save(path)
 
 
 def _track(tracker: Any, out: Path, results: dict[str, Any]) -> None:
@@ -391,7 +392,7 @@ def _track(tracker: Any, out: Path, results: dict[str, Any]) -> None:
         child = tracker.child(parent, name, tags)
         tracker.log_metrics(child, {k.replace("[", ".").replace("]", ""): v for k, v in row.items()})
         tracker.log_metrics(child, results["groups"][name], prefix="groups.")
-        grid = out / "methods" / _slug(name) / "evaluate" / "grid.png"
+        grid = method_dir(out, name) / "evaluate" / "grid.png"
         if grid.exists():
             tracker.log_file(child, grid)
         tracker.finish(child)

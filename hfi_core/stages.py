@@ -272,8 +272,11 @@ def summary_table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_all(cfg: RunConfig, run: Path, *, show_progress: bool = True) -> dict[str, Any]:
-    """Every stage in order, on one machine; returns each stage's result and its seconds."""
+def run_all(
+    cfg: RunConfig, run: Path, *, show_progress: bool = True, stages: tuple[str, ...] = STAGES
+) -> dict[str, Any]:
+    """Every stage in order (or those of ``stages``), on one machine; returns each stage's result
+    and its seconds."""
     run = Path(run)
     run.mkdir(parents=True, exist_ok=True)
     calls = {
@@ -286,7 +289,7 @@ def run_all(cfg: RunConfig, run: Path, *, show_progress: bool = True) -> dict[st
         "evaluate": lambda: stage_evaluate(cfg, run),
     }
     results: dict[str, Any] = {}
-    for name in STAGES:
+    for name in (n for n in STAGES if n in stages):
         if name == "invert" and not cfg.distill.use_token:
             continue  # text-only removal needs no token
         t0 = time.time()
