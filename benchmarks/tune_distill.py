@@ -5,12 +5,16 @@ student) on the validation seeds, printing the oracle's shares per prompt group:
 
     hfi run configs/toyworld-striped.yaml --out runs/base        # once: the upstream run
     python benchmarks/tune_distill.py runs/base H distill.method=esd distill.lr=0.002
+    python benchmarks/tune_distill.py runs/base K --n-per-prompt 15 distill.batch_size=4
 
 Overrides apply on top of BASE, the distill section the tuning table started from.
+``--n-per-prompt`` sets the validation images per prompt (4: 36 per group, the first round;
+15: 135 per group, as many as the benchmark's evaluation); ``--student`` also evaluates the SDD
+student.
 """
 
+import argparse
 import json
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -40,16 +44,16 @@ BASE = {
 }
 
 
-def main(run: Path, name: str, args: list[str]) -> None:
+def main(run: Path, name: str, args: list[str], n_per_prompt: int = 4, student: bool = False) -> None:
     torch.set_num_threads(1)
     overrides = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args)}
     cfg = load_config(CONFIG, {**BASE, **overrides})
     dc, out = cfg.distill, OUT / name
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(n_per_prompt=4, seed=VALIDATION_SEED, clip_path=None, oracle_dir=cfg.evaluate.oracle)
-    base_npy = OUT / f"sd_{VALIDATION_SEED}.npy"
+    common = dict(n_per_prompt=n_per_prompt, seed=VALIDATION_SEED, clip_path=None, oracle_dir=cfg.evaluate.oracle)
+    base_npy = OUT / f"sd_{VALIDATION_SEED}_{n_per_prompt}.npy"
     if not base_npy.exists():
-        _, base = evaluate(cfg, Variant("sd"), OUT / "sd", **common)
+        _, base = evaluate(cfg, Variant("sd"), OUT / f"sd_{n_per_prompt}", **common)
         np.save(base_npy, base)
     base = np.load(base_npy)
     pipe = load_sd_pipeline(replace(cfg.model, dtype="float32"), "ddim")
@@ -63,8 +67,8 @@ def main(run: Path, name: str, args: list[str]) -> None:
     seconds = time.time() - t0
     teacher.save_pretrained(out / "teacher")
     pipe.unet.save_pretrained(out / "student")
-    result = {"overrides": overrides, "train_s": round(seconds, 1)}
-    for v in ["teacher", "student"] if dc.method == "sdd" else ["teacher"]:
+    result = {"overrides": overrides, "n_per_prompt": n_per_prompt, "train_s": round(seconds, 1)}
+    for v in ["teacher", "student"] if dc.method == "sdd" and student else ["teacher"]:
         m, _ = evaluate(cfg, Variant(v, unet=str(out / v)), out / f"eval_{v}", base_images=base, **common)
         result[v] = {
             g: {k: round(x, 3) for k, x in d.items() if k.startswith("oracle") or k == "drift"}
@@ -81,4 +85,11 @@ def main(run: Path, name: str, args: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), sys.argv[2], sys.argv[3:])
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run", type=Path, help="an `hfi run` folder holding generate/ ... invert/")
+    parser.add_argument("name", help="the run's name: its folder under tune-out/")
+    parser.add_argument("overrides", nargs="*", help="distill.KEY=YAML_VALUE, applied on top of BASE")
+    parser.add_argument("--n-per-prompt", type=int, default=4, help="validation images per prompt")
+    parser.add_argument("--student", action="store_true", help="also evaluate the SDD student")
+    a = parser.parse_intermixed_args()
+    main(a.run, a.name, a.overrides, a.n_per_prompt, a.student)

@@ -191,8 +191,17 @@ class InvertConfig:
     """AdamW learning rate on the embedding row (diffusers' textual-inversion example uses ~5e-4 for SD)."""
     top_k: int = 0
     """Keep only the K highest-reward images; 0 keeps all, weighted by reward."""
+    max_norm: float = 0.0
+    """Cap the norm of v* at this multiple of the largest norm of a word's embedding after every
+    step; 0: no cap. Unconstrained, textual inversion can grow v* far beyond any word (6x the mean
+    row norm on the toy world), a token that outshouts its prompt and that a removal trained on
+    it does not carry over to the words people use."""
     seed: int = 0
     """Seeds batches, noise and timesteps."""
+
+    def __post_init__(self) -> None:
+        if self.max_norm < 0:
+            raise ConfigError(f"max_norm: {self.max_norm} must be >= 0 (0: no cap)")
 
 
 @dataclass

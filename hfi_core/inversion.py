@@ -5,7 +5,8 @@
 
 over the model's own samples x_i for the concept prompts, z_i their VAE latents and w_i their
 rewards (clipped at 0, normalised to mean 1; ``top_k`` keeps only the K highest). Textual
-inversion, weighted: only the new token's embedding row trains. After every step all other rows
+inversion, weighted: only the new token's embedding row trains (optionally kept within
+``max_norm`` times the largest word embedding's norm, by projection after each step). After every step all other rows
 are copied back from the original table, so they come out bit-identical (AdamW's weight decay
 or any stray gradient cannot move them). Saved as diffusers saves textual inversion
 (``learned_embeds.safetensors`` = ``{token: (1, D)}``) for ``pipe.load_textual_inversion``.
@@ -92,6 +93,7 @@ def invert(
     original = table.detach().clone()
     others = torch.ones(len(table), dtype=torch.bool, device=table.device)
     others[token_id] = False
+    cap = cfg.max_norm * original[others].norm(dim=1).max() if cfg.max_norm else None
     opt = torch.optim.AdamW([table], lr=cfg.lr, weight_decay=0.0)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
     prompts = [t.format(cfg.token) for t in cfg.templates]
@@ -117,6 +119,8 @@ def invert(
         opt.step()
         with torch.no_grad():
             table[others] = original[others]  # every other row bit-identical, whatever the optimiser did
+            if cap is not None and (n := table[token_id].norm()) > cap:
+                table[token_id] *= cap / n  # project back onto the ball of word-sized embeddings
         losses.append(loss.item())
     te.eval()
     table.requires_grad_(False)

@@ -1,6 +1,7 @@
 """The maths of inversion, SDD and ESD, pinned on a tiny random Stable Diffusion pipeline."""
 
 import copy
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -173,6 +174,16 @@ def test_inversion_changes_exactly_one_embedding_row_and_loads_in_diffusers(pipe
     fresh.load_textual_inversion(str(tmp_path))
     loaded = fresh.text_encoder.get_input_embeddings().weight
     assert torch.equal(loaded[fresh.tokenizer.convert_tokens_to_ids("<hfi-striped>")], v)
+
+
+def test_inversion_norm_cap_keeps_v_within_the_largest_word_norm_and_only_when_asked(pipe, base_pipe):
+    words = base_pipe.text_encoder.get_input_embeddings().weight.detach().norm(dim=1).max().item()
+    latents = torch.randn(6, 4, 16, 16)
+    cfg = InvertConfig(token="<hfi-striped>", templates=["a {}"], steps=5, batch_size=2, lr=0.5)
+    free, _ = invert(copy.deepcopy(base_pipe), latents, np.ones(6), cfg, "stripe", show_progress=False)
+    assert free.norm().item() > 1.5 * words  # a large lr grows an unconstrained v* past every word
+    capped, _ = invert(pipe, latents, np.ones(6), replace(cfg, max_norm=1.5), "stripe", show_progress=False)
+    assert capped.norm().item() == pytest.approx(1.5 * words, rel=1e-4)
 
 
 @pytest.mark.parametrize("train", [train_sdd, train_esd], ids=["sdd", "esd"])
