@@ -85,7 +85,12 @@ def step_image(dockerd, tmp_path_factory):
     )  # fmt: skip
     assert base.returncode == 0, base.stdout[-2000:] + base.stderr[-2000:]
     ctx = tmp_path_factory.mktemp("context")
-    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True).stdout
+    files = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        check=True,
+    ).stdout
     for rel in filter(None, files.decode().split("\0")):
         if (ROOT / rel).is_file():
             (ctx / rel).parent.mkdir(parents=True, exist_ok=True)
