@@ -174,6 +174,7 @@ def run_removal_bench(
     out: Path,
     *,
     quick: bool = False,
+    resume: bool = False,
     jobs: int = 2,
     threads: int = 1,
     tracker: Any = None,
@@ -183,6 +184,8 @@ def run_removal_bench(
     """Run the comparison into ``out``: results.json, results.md, grid.png, one folder per method.
 
     Args:
+        resume: reuse what an earlier bench in ``out`` finished: its upstream run, and every
+            training whose saved hyperparameters equal this run's (evaluations always run again).
         tracker: a ``tracking.Tracker`` for a parent run and one child per method, or None.
         log: where progress lines go.
         provenance: how the run was made (command, commit), written into the results.
@@ -201,7 +204,11 @@ def run_removal_bench(
     n_prompt = per_prompt(cfg, n_group)
     # The HFI methods need the token whatever the run config's own distill section says.
     upstream_cfg = replace(cfg, distill=replace(cfg.distill, use_token=True))
-    upstream = run_all(upstream_cfg, run, show_progress=False, stages=UPSTREAM)
+    upstream, reused = _finished_upstream(run) if resume else None, []
+    if upstream is None:
+        upstream = run_all(upstream_cfg, run, show_progress=False, stages=UPSTREAM)
+    else:
+        reused.append("upstream run")
     log("upstream: " + ", ".join(f"{n} {upstream[f'{n}_seconds']} s" for n in UPSTREAM))
 
     def variant(m: Method) -> Variant:
@@ -221,8 +228,14 @@ def run_removal_bench(
             pending[fut] = ("evaluate", m)
 
         for m in METHODS:  # the trainings first: they are the long tasks
-            if m.family:
-                fut = pool.submit(_train, method_config(cfg, bench, m, quick), run,
+            mcfg = method_config(cfg, bench, m, quick) if m.family else None
+            if mcfg and resume and (done := _finished_training(method_dir(out, m.name) / "distill", mcfg)):
+                trained[m.name] = done
+                reused.append(f"{m.name} training")
+                log(f"reused the training of {m.name} ({done['seconds']} s when it ran)")
+                submit_eval(m)
+            elif mcfg:
+                fut = pool.submit(_train, mcfg, run,
                                   method_dir(out, m.name) / "distill", threads)  # fmt: skip
                 pending[fut] = ("train", m)
         for m in METHODS:
@@ -244,6 +257,8 @@ def run_removal_bench(
     images = {m.name: np.load(method_dir(out, m.name) / "evaluate" / "images.npy") for m in METHODS}
     results = _collect(cfg, bench, images, trained, evaluated, upstream, quick=quick, n_prompt=n_prompt)
     results["seconds"] = round(time.time() - t_start, 1)
+    if reused:
+        results["reused"] = reused
     results["provenance"] = provenance or {}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(results_table(results))
@@ -251,6 +266,23 @@ def run_removal_bench(
     if tracker is not None:
         _track(tracker, out, results)
     return results
+
+
+def _finished_upstream(run: Path) -> dict[str, Any] | None:
+    """The upstream results of an earlier bench in ``run``, when it finished every upstream stage."""
+    file = run / "run.json"
+    done = json.loads(file.read_text()) if file.exists() else {}
+    return done if all(f"{n}_seconds" in done for n in UPSTREAM) else None
+
+
+def _finished_training(folder: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """The metrics of an earlier training in ``folder`` (a method's ``distill/``), when it finished
+    with exactly the hyperparameters of ``cfg.distill``; None otherwise (train again)."""
+    card, metrics = folder / "card.json", folder / "metrics.json"
+    if not (card.exists() and metrics.exists() and (folder / "unet").is_dir()):
+        return None
+    same = json.loads(card.read_text())["hyperparameters"] == json.loads(json.dumps(asdict(cfg.distill)))
+    return json.loads(metrics.read_text()) if same else None
 
 
 def method_dir(out: Path, name: str) -> Path:
@@ -347,6 +379,8 @@ def results_table(results: dict[str, Any]) -> str:
             cells.append("" if v is None else f"{v:.0f}" if key in ("train_seconds", "peak_memory_mb") else f"{v:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines += ["", f"Total wall time: {results.get('seconds', 0):.0f} s."]
+    if reused := results.get("reused"):
+        lines.append(f"Reused from an earlier run in the same folder (`--resume`): {', '.join(reused)}.")
     for k, v in results.get("provenance", {}).items():
         lines.append(f"{k.capitalize()}: `{v}`")
     return "\n".join(lines) + "\n"

@@ -25,6 +25,8 @@ def register(groups: argparse._SubParsersAction) -> None:
     p = g.add_parser("removal", help="every removal method on the toy world, judged by the oracle")
     p.add_argument("--out", type=Path, required=True, help="output folder (results.md, results.json, grid.png)")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer images and steps (about 10 min)")
+    p.add_argument("--resume", action="store_true",
+                   help="reuse OUT's finished upstream run and unchanged trainings; evaluate again")  # fmt: skip
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="benchmark settings (benchmarks/removal.yaml)")
     p.add_argument("--jobs", type=int, default=2, help="processes training/evaluating side by side (default 2)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
@@ -45,8 +47,8 @@ def _removal(args: argparse.Namespace) -> int:
     artifacts = None if args.tracking_uri else (args.out.resolve() / "mlartifacts").as_uri()
     tracker = Tracker(uri, args.experiment, artifact_location=artifacts)
     provenance = {"command": " ".join(["hfi", *sys.argv[1:]]), "commit": _commit(), "machine": _machine()}
-    results = run_removal_bench(cfg, bench, args.out, quick=args.quick, jobs=args.jobs, threads=args.threads,
-                                tracker=tracker, provenance=provenance)  # fmt: skip
+    results = run_removal_bench(cfg, bench, args.out, quick=args.quick, resume=args.resume, jobs=args.jobs,
+                                threads=args.threads, tracker=tracker, provenance=provenance)  # fmt: skip
     print((args.out / "results.md").read_text())
     print(f"grid: {args.out / 'grid.png'}   MLflow: mlflow ui --backend-store-uri {uri}")
     return 0 if results else 1

@@ -8,6 +8,7 @@ import yaml
 
 from hfi_core.bench import METHODS, load_bench_config, method_config, per_prompt, quick_config, results_table
 from hfi_core.config import ConfigError
+from hfi_core.evaluation import eval_plan
 
 BENCH = Path(__file__).parents[2] / "benchmarks" / "removal.yaml"
 
@@ -18,6 +19,18 @@ def test_the_committed_benchmark_config_loads_with_its_run_config():
     assert cfg.evaluate.oracle  # judged by the toy world's oracle
     assert per_prompt(cfg, bench.n_per_group) * min(len(ps.prompts) for ps in cfg.prompts) >= 128
     assert per_prompt(cfg, bench.quick.n_per_group) * min(len(ps.prompts) for ps in cfg.prompts) >= 32
+
+
+def test_every_evaluation_image_has_its_own_seed_and_the_validation_and_evaluation_sets_never_meet():
+    bench, cfg = load_bench_config(BENCH)
+    n = per_prompt(cfg, bench.n_per_group)
+    evaluation, validation = eval_plan(cfg, n, bench.eval_seed), eval_plan(cfg, n, bench.validation_seed)
+    seeds = [s for _, _, s in evaluation]
+    assert len(set(seeds)) == len(seeds) == n * sum(len(ps.prompts) for ps in cfg.prompts)
+    assert not set(seeds) & {s for _, _, s in validation}
+    # plan order: group by group, prompt by prompt, n images each (group_slices relies on it)
+    assert [p for _, p, _ in evaluation[:n]] == [cfg.prompts[0].prompts[0]] * n
+    assert eval_plan(cfg, n, bench.eval_seed) == evaluation  # the same pairs for every method
 
 
 def test_methods_of_one_family_share_every_hyperparameter_but_the_token():
