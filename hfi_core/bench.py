@@ -186,6 +186,8 @@ def run_removal_bench(
     Args:
         resume: reuse what an earlier bench in ``out`` finished: its upstream run, and every
             training whose saved hyperparameters equal this run's (evaluations always run again).
+            It does not check the upstream settings (prompts, feedback, inversion): after
+            changing those, start in a fresh ``out``.
         tracker: a ``tracking.Tracker`` for a parent run and one child per method, or None.
         log: where progress lines go.
         provenance: how the run was made (command, commit), written into the results.

@@ -26,7 +26,7 @@ def register(groups: argparse._SubParsersAction) -> None:
     p.add_argument("--out", type=Path, required=True, help="output folder (results.md, results.json, grid.png)")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer images and steps (about 10 min)")
     p.add_argument("--resume", action="store_true",
-                   help="reuse OUT's finished upstream run and unchanged trainings; evaluate again")  # fmt: skip
+                   help="reuse OUT's upstream run and unchanged trainings (not after upstream edits)")  # fmt: skip
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="benchmark settings (benchmarks/removal.yaml)")
     p.add_argument("--jobs", type=int, default=2, help="processes training/evaluating side by side (default 2)")
     p.add_argument("--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"),
