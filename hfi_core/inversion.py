@@ -6,9 +6,9 @@
 over the model's own samples x_i for the concept prompts, z_i their VAE latents and w_i their
 rewards (clipped at 0, normalised to mean 1; ``top_k`` keeps only the K highest). Textual
 inversion, weighted: only the new token's embedding row trains (optionally kept within
-``max_norm`` times the largest word embedding's norm, by projection after each step). After every step all other rows
-are copied back from the original table, so they come out bit-identical (AdamW's weight decay
-or any stray gradient cannot move them). Saved as diffusers saves textual inversion
+``max_norm`` times the largest word embedding's norm, by projection after each step). After
+every step all other rows are copied back from the original table, so they come out
+bit-identical (AdamW's weight decay or any stray gradient cannot move them). Saved as diffusers saves textual inversion
 (``learned_embeds.safetensors`` = ``{token: (1, D)}``) for ``pipe.load_textual_inversion``.
 """
 

@@ -1,5 +1,6 @@
 """`hfi bench removal`'s settings and its report, without training anything."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -85,3 +86,20 @@ def test_the_results_table_has_one_row_per_method_and_every_column():
     rows = [line for line in md if line.startswith("| ") and not line.startswith("| method")]
     assert [r.split("|")[1].strip() for r in rows] == [m.name for m in METHODS]
     assert f"{row['striped[explicit]']:.3f}" in rows[0]
+
+
+def test_resume_reuses_a_training_only_when_its_saved_settings_match(tmp_path):
+    from dataclasses import asdict, replace
+
+    from hfi_core.bench import _finished_training
+
+    bench, cfg = load_bench_config(BENCH)
+    mcfg = method_config(cfg, bench, next(m for m in METHODS if m.name == "hfi+sdd"), quick=False)
+    folder = tmp_path / "distill"
+    (folder / "unet").mkdir(parents=True)
+    (folder / "metrics.json").write_text('{"seconds": 12.5}')
+    assert _finished_training(folder, mcfg) is None  # no card: never finished
+    (folder / "card.json").write_text(json.dumps({"hyperparameters": asdict(mcfg.distill)}))
+    assert _finished_training(folder, mcfg) == {"seconds": 12.5}
+    changed = replace(mcfg, distill=replace(mcfg.distill, steps=mcfg.distill.steps + 1))
+    assert _finished_training(folder, changed) is None  # a changed setting trains again
