@@ -10,8 +10,9 @@ each evaluated by ``evaluation.evaluate`` on the same evaluation seeds, which ar
 validation seeds the hyperparameters were chosen on (both are recorded). Methods of one family
 (ESD-x / HFI+ESD-x, SDD / HFI+SDD) share one ``DistillConfig``: only the prompts differ.
 
-Trainings and evaluations run in a pool of ``jobs`` processes, one torch thread each, a fresh
-process per task so that its peak memory is its own.
+The upstream run, trainings and evaluations run in a pool of ``jobs`` processes, one torch
+thread each, a fresh process per task so that its peak memory is its own; the inference-time
+methods are evaluated while the upstream run makes the token.
 """
 
 from __future__ import annotations
@@ -140,6 +141,15 @@ def quick_config(cfg: RunConfig, bench: BenchConfig) -> RunConfig:
 # ----------------------------------------------------------------------------- pool workers
 
 
+def _upstream(cfg: RunConfig, run: Path, threads: int) -> dict[str, Any]:
+    import torch
+
+    from hfi_core.stages import run_all
+
+    torch.set_num_threads(threads)
+    return run_all(cfg, run, show_progress=False, stages=UPSTREAM)
+
+
 def _train(cfg: RunConfig, run: Path, out: Path, threads: int) -> dict[str, Any]:
     import torch
 
@@ -195,7 +205,6 @@ def run_removal_bench(
         The content of results.json.
     """
     from hfi_core.evaluation import Variant
-    from hfi_core.stages import run_all
 
     out = Path(out)
     run = out / "run"
@@ -207,54 +216,75 @@ def run_removal_bench(
     # The HFI methods need the token whatever the run config's own distill section says.
     upstream_cfg = replace(cfg, distill=replace(cfg.distill, use_token=True))
     upstream, reused = _finished_upstream(run) if resume else None, []
-    if upstream is None:
-        upstream = run_all(upstream_cfg, run, show_progress=False, stages=UPSTREAM)
-    else:
+    if upstream is not None:
         reused.append("upstream run")
-    log("upstream: " + ", ".join(f"{n} {upstream[f'{n}_seconds']} s" for n in UPSTREAM))
 
     def variant(m: Method) -> Variant:
         unet = str(method_dir(out, m.name) / "distill" / "unet") if m.family else None
         return Variant(m.name, unet=unet, inference=m.inference, negative_prompt=bench.text_concept,  # type: ignore[arg-type]
                        safety_concept=bench.text_concept)  # fmt: skip
 
+    # Tasks wait in `ready` until a worker is free, longest first: the upstream run, then the
+    # trainings (they need its token), then the evaluations. The inference-time methods need
+    # nothing upstream, so they fill the second worker while the upstream run holds the first.
+    Task = tuple[int, str, Method | None]  # (priority: lower runs first, kind, method)
+    ready: list[Task] = [] if upstream is not None else [(0, "upstream", None)]
+    ready += [(2, "evaluate", m) for m in METHODS if not m.family]
     trained: dict[str, dict[str, Any]] = {}
     evaluated: dict[str, dict[str, Any]] = {}
-    ctx = get_context("spawn")  # fresh interpreters: no torch state shared with the parent
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
-        pending: dict[Future, tuple[str, Method]] = {}
 
-        def submit_eval(m: Method) -> None:
-            fut = pool.submit(_evaluate, cfg, variant(m), method_dir(out, m.name) / "evaluate", n_prompt,
-                              bench.eval_seed, threads)  # fmt: skip
-            pending[fut] = ("evaluate", m)
-
-        for m in METHODS:  # the trainings first: they are the long tasks
-            mcfg = method_config(cfg, bench, m, quick) if m.family else None
-            if mcfg and resume and (done := _finished_training(method_dir(out, m.name) / "distill", mcfg)):
+    def upstream_done() -> None:
+        log("upstream: " + ", ".join(f"{n} {upstream[f'{n}_seconds']} s" for n in UPSTREAM))
+        for m in METHODS:  # the trainings, or what --resume can reuse of them
+            if not m.family:
+                continue
+            mcfg = method_config(cfg, bench, m, quick)
+            if resume and (done := _finished_training(method_dir(out, m.name) / "distill", mcfg)):
                 trained[m.name] = done
                 reused.append(f"{m.name} training")
                 log(f"reused the training of {m.name} ({done['seconds']} s when it ran)")
-                submit_eval(m)
-            elif mcfg:
-                fut = pool.submit(_train, mcfg, run,
-                                  method_dir(out, m.name) / "distill", threads)  # fmt: skip
-                pending[fut] = ("train", m)
-        for m in METHODS:
-            if not m.family:
-                submit_eval(m)
-        while pending:
+                ready.append((2, "evaluate", m))
+            else:
+                ready.append((1, "train", m))
+
+    if upstream is not None:
+        upstream_done()
+    ctx = get_context("spawn")  # fresh interpreters: no torch state shared with the parent
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+        pending: dict[Future, Task] = {}
+        while ready or pending:
+            ready.sort(key=lambda task: task[0])  # stable: METHODS order within a priority
+            while ready and len(pending) < jobs:
+                task = ready.pop(0)
+                _, kind, m = task
+                if kind == "upstream":
+                    fut = pool.submit(_upstream, upstream_cfg, run, threads)
+                elif kind == "train":
+                    assert m is not None
+                    fut = pool.submit(_train, method_config(cfg, bench, m, quick), run,
+                                      method_dir(out, m.name) / "distill", threads)  # fmt: skip
+                else:
+                    assert m is not None
+                    fut = pool.submit(_evaluate, cfg, variant(m), method_dir(out, m.name) / "evaluate", n_prompt,
+                                      bench.eval_seed, threads)  # fmt: skip
+                pending[fut] = task
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
-                kind, m = pending.pop(fut)
+                _, kind, m = pending.pop(fut)
                 result = fut.result()
-                if kind == "train":
+                if kind == "upstream":
+                    upstream = result
+                    upstream_done()
+                elif kind == "train":
+                    assert m is not None
                     trained[m.name] = result
                     log(f"trained {m.name}: {result['seconds']} s")
-                    submit_eval(m)
+                    ready.append((2, "evaluate", m))
                 else:
+                    assert m is not None
                     evaluated[m.name] = result
                     log(f"evaluated {m.name}: {result['seconds']} s")
+    assert upstream is not None
 
     images = {m.name: np.load(method_dir(out, m.name) / "evaluate" / "images.npy") for m in METHODS}
     results = _collect(cfg, bench, images, trained, evaluated, upstream, quick=quick, n_prompt=n_prompt)

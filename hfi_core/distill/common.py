@@ -62,14 +62,61 @@ def run_trajectory(
     Returns:
         ``(x_t, t)``: the state after ``n_steps`` steps and its timestep ``sched.timesteps[n_steps]``, (B,).
     """
+    return trajectory_states(unet, sched, cond, uncond, [n_steps], guidance, shape, generator)[0]
+
+
+@torch.no_grad()
+def trajectory_states(
+    unet: UNet2DConditionModel,
+    sched: DDIMScheduler,
+    cond: torch.Tensor,
+    uncond: torch.Tensor,
+    positions: list[int],
+    guidance: float,
+    shape: tuple[int, ...],
+    generator: torch.Generator,
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """One DDIM trajectory with CFG from pure noise, run to ``max(positions)`` steps; the state
+    ``(x_t, t)`` after each position's number of steps, in the order of ``positions``."""
     device, dtype = cond.device, cond.dtype
     x = torch.randn(shape, generator=generator).to(device, dtype) * sched.init_noise_sigma  # (B, C, H, W)
-    for t in sched.timesteps[:n_steps]:
+    states = {0: x}
+    for i, t in enumerate(sched.timesteps[: max(positions)]):
         inp = sched.scale_model_input(torch.cat([x, x]), t)
         eps_u, eps_c = unet(inp, t, torch.cat([uncond, cond])).sample.chunk(2)
         x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
-    t_label = sched.timesteps[n_steps].expand(shape[0]).to(device)
-    return x, t_label
+        states[i + 1] = x
+    return [(states[k], sched.timesteps[k].expand(shape[0]).to(device)) for k in positions]
+
+
+class Rollouts:
+    """Training states for SDD and ESD: ``(cond, x_t, t)`` for each step.
+
+    Every ``reuse`` steps (``DistillConfig.rollout_reuse``) one rollout with the group's concept
+    prompt serves the next ``reuse`` steps: their positions are drawn up front and the trajectory
+    runs once, to the furthest. The model that rolls out is the one at the group's first step
+    (the EMA teacher moves by ~1% a step at decay 0.99). With ``reuse = 1`` this is a fresh
+    partial trajectory each step, the concept prompt cycling with the step, as published.
+    """
+
+    def __init__(self, s: Setup, cfg: Any) -> None:
+        self.s, self.cfg = s, cfg
+        self.reuse: int = cfg.rollout_reuse
+        self.cond: torch.Tensor | None = None  # (B, L, D)
+        self.states: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def state(self, model: UNet2DConditionModel, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(cond, x_t, t)`` for ``step``; a resumed run must start on a multiple of ``reuse``."""
+        s, cfg, group = self.s, self.cfg, step // self.reuse
+        if step % self.reuse == 0 or not self.states:
+            self.cond = s.cond_all[group % len(s.cond_all)].expand(cfg.batch_size, -1, -1)
+            ks = [sample_step_index(cfg.sampler_steps, s.rng, cfg.timestep_alpha, cfg.timestep_beta)
+                  for _ in range(self.reuse)]  # fmt: skip
+            self.states = trajectory_states(
+                model, s.sched, self.cond, s.uncond, ks, cfg.guidance, s.latent_shape, s.gen
+            )  # one rollout to max(ks), the state at each k
+        assert self.cond is not None
+        return (self.cond, *self.states[step % self.reuse])
 
 
 LORA_TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]

@@ -21,11 +21,10 @@ from tqdm.auto import tqdm
 
 from hfi_core.config import DistillConfig
 from hfi_core.distill.common import (
+    Rollouts,
     add_preservation,
     load_checkpoint,
     prepare,
-    run_trajectory,
-    sample_step_index,
     save_checkpoint,
 )
 
@@ -69,13 +68,9 @@ def train_esd(
             for n in names:
                 current[n].copy_(params[f"student.{n}"])
 
-    losses = []
+    losses, rollouts = [], Rollouts(s, cfg)
     for step in tqdm(range(start, cfg.steps), desc="esd", initial=start, total=cfg.steps, disable=not show_progress):
-        cond = s.cond_all[step % len(s.cond_all)].expand(cfg.batch_size, -1, -1)
-        k = sample_step_index(cfg.sampler_steps, s.rng, cfg.timestep_alpha, cfg.timestep_beta)
-        x_t, t = run_trajectory(
-            unet, s.sched, cond, s.uncond, k, cfg.guidance, s.latent_shape, s.gen
-        )  # model in training
+        cond, x_t, t = rollouts.state(unet, step)  # x_t from the model in training, (B, C, H, W)
         target = esd_target(frozen, x_t, t, cond, s.uncond, cfg.esd_eta)
         loss = F.mse_loss(unet(x_t, t, cond).sample.float(), target.float())
         loss = add_preservation(s, unet, loss, x_t, t, step, cfg.preserve_weight)

@@ -4,7 +4,8 @@ Student theta trains; teacher theta_ema is the EMA of the student; both start fr
 Each step:
 
 1. pick the next concept prompt c_s (cycled) and a trajectory position k ~ Beta(3, 3);
-2. run the EMA teacher from pure noise with c_s (DDIM, eta 0, guidance 3) for k steps: x_t;
+2. run the EMA teacher from pure noise with c_s (DDIM, eta 0, guidance 3) for k steps: x_t
+   (``rollout_reuse`` > 1: one such rollout serves that many steps, ``common.Rollouts``);
 3. loss = || sg[eps_theta(x_t, t, "")] - eps_theta(x_t, t, c_s) ||^2  (the student's own
    unconditional prediction, stop-gradient, is the target of its conditional one);
 4. AdamW step on the trainable parameters (cross-attention by default), then the EMA update.
@@ -27,11 +28,10 @@ from tqdm.auto import tqdm
 from hfi_core.config import DistillConfig
 from hfi_core.distill.common import (
     EMA,
+    Rollouts,
     add_preservation,
     load_checkpoint,
     prepare,
-    run_trajectory,
-    sample_step_index,
     save_checkpoint,
 )
 
@@ -79,11 +79,9 @@ def train_sdd(
                 student[n].copy_(params[f"student.{n}"])
                 teacher[n].copy_(params[f"teacher.{n}"])
 
-    losses = []
+    losses, rollouts = [], Rollouts(s, cfg)
     for step in tqdm(range(start, cfg.steps), desc="sdd", initial=start, total=cfg.steps, disable=not show_progress):
-        cond = s.cond_all[step % len(s.cond_all)].expand(cfg.batch_size, -1, -1)  # concepts cycle with the step
-        k = sample_step_index(cfg.sampler_steps, s.rng, cfg.timestep_alpha, cfg.timestep_beta)
-        x_t, t = run_trajectory(ema.teacher, s.sched, cond, s.uncond, k, cfg.guidance, s.latent_shape, s.gen)
+        cond, x_t, t = rollouts.state(ema.teacher, step)  # x_t from the EMA teacher's trajectory, (B, C, H, W)
         loss = add_preservation(s, unet, sdd_loss(unet, x_t, t, cond, s.uncond), x_t, t, step, cfg.preserve_weight)
         s.opt.zero_grad(set_to_none=True)
         loss.backward()

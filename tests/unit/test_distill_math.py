@@ -8,15 +8,17 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
-from hfi_core.config import DistillConfig, InvertConfig
+from hfi_core.config import ConfigError, DistillConfig, InvertConfig
 from hfi_core.distill.common import (
     EMA,
+    Rollouts,
     ddim_scheduler,
     encode_prompts,
     preservation_loss,
     run_trajectory,
     sample_step_index,
     select_trainable,
+    trajectory_states,
 )
 from hfi_core.distill.esd import esd_target, train_esd
 from hfi_core.distill.sdd import sdd_loss, train_sdd
@@ -140,6 +142,58 @@ def test_a_trajectory_state_is_always_labelled_with_its_own_noise_level(pipe):
     assert labels[0] > 900 and labels[-1] < 100
 
 
+class CountingUNet(torch.nn.Module):
+    """The UNet, counting its forward passes."""
+
+    def __init__(self, unet):
+        super().__init__()
+        self.unet, self.calls = unet, 0
+
+    def forward(self, *args):
+        self.calls += 1
+        return self.unet(*args)
+
+
+def test_one_rollout_gives_each_position_the_state_its_own_partial_trajectory_would(pipe):
+    sched = ddim_scheduler(pipe, 8)
+    cond, uncond = encode_prompts(pipe, ["a red circle"]), encode_prompts(pipe, [""])
+    counting = CountingUNet(pipe.unet)
+    states = trajectory_states(
+        counting, sched, cond, uncond, [5, 2, 0, 5], 3.0, (1, 4, 16, 16), torch.Generator().manual_seed(3)
+    )
+    assert counting.calls == 5  # run once, to the furthest position
+    for (x, t), k in zip(states, [5, 2, 0, 5], strict=True):
+        alone = run_trajectory(pipe.unet, sched, cond, uncond, k, 3.0, (1, 4, 16, 16), torch.Generator().manual_seed(3))
+        assert torch.equal(x, alone[0]) and torch.equal(t, alone[1])
+
+
+@pytest.mark.parametrize("reuse", [1, 3])
+def test_rollouts_serve_reuse_steps_each_with_one_prompt_per_rollout(pipe, reuse):
+    from hfi_core.distill.common import prepare
+
+    cfg = DistillConfig(steps=6, sampler_steps=8, batch_size=2, rollout_reuse=reuse, checkpoint_every=0)
+    prompts = ["a red circle", "a blue square"]
+    s = prepare(copy.deepcopy(pipe), cfg, prompts)
+    rng = np.random.default_rng(cfg.seed)  # the positions the rollouts must draw, in order
+    positions = [sample_step_index(8, rng) for _ in range(6)]
+    counting, rollouts = CountingUNet(pipe.unet), Rollouts(s, cfg)
+    for step in range(6):
+        before = counting.calls
+        cond, x, t = rollouts.state(counting, step)
+        assert torch.equal(cond, s.cond_all[(step // reuse) % 2].expand(2, -1, -1))  # prompts cycle per rollout
+        assert x.shape == (2, 4, 16, 16) and int(t[0]) == int(s.sched.timesteps[positions[step]])
+        group = positions[step - step % reuse : step - step % reuse + reuse]
+        assert counting.calls - before == (max(group) if step % reuse == 0 else 0)  # one rollout per group
+
+
+def test_checkpoints_must_fall_on_rollout_boundaries():
+    with pytest.raises(ConfigError, match="checkpoint_every: 100 must be a multiple of rollout_reuse"):
+        DistillConfig(rollout_reuse=3)
+    with pytest.raises(ConfigError, match="rollout_reuse: 0 must be >= 1"):
+        DistillConfig(rollout_reuse=0, checkpoint_every=0)
+    assert DistillConfig(rollout_reuse=4, checkpoint_every=200).rollout_reuse == 4
+
+
 def test_esd_target_is_negatively_guided_and_reduces_to_unconditional_at_eta_zero(pipe):
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([400, 400])
     cond, uncond = encode_prompts(pipe, ["a green triangle"] * 2), encode_prompts(pipe, ["", ""])
@@ -186,12 +240,14 @@ def test_inversion_norm_cap_keeps_v_within_the_largest_word_norm_and_only_when_a
     assert capped.norm().item() == pytest.approx(1.5 * words, rel=1e-4)
 
 
-@pytest.mark.parametrize("train", [train_sdd, train_esd], ids=["sdd", "esd"])
-def test_training_killed_at_step_k_and_resumed_ends_with_the_same_weights(base_pipe, tmp_path, train):
-    cfg = DistillConfig(steps=4, lr=1e-3, sampler_steps=6, checkpoint_every=2)
+@pytest.mark.parametrize(
+    ("train", "reuse"), [(train_sdd, 1), (train_esd, 1), (train_sdd, 2)], ids=["sdd", "esd", "sdd-rollout-reuse"]
+)
+def test_training_killed_at_step_k_and_resumed_ends_with_the_same_weights(base_pipe, tmp_path, train, reuse):
+    cfg = DistillConfig(steps=4, lr=1e-3, sampler_steps=6, checkpoint_every=2, rollout_reuse=reuse)
     prompts = ["a red circle in the style of van stripe", "a blue square with a zebra pattern"]
     straight, names, _ = train(copy.deepcopy(base_pipe), cfg, prompts, tmp_path / "a", show_progress=False)
-    cfg_killed = DistillConfig(steps=2, lr=1e-3, sampler_steps=6, checkpoint_every=2)  # stops after step 2's checkpoint
+    cfg_killed = replace(cfg, steps=2)  # stops after step 2's checkpoint
     train(copy.deepcopy(base_pipe), cfg_killed, prompts, tmp_path / "b", show_progress=False)
     resumed, _, losses = train(copy.deepcopy(base_pipe), cfg, prompts, tmp_path / "b", resume=True, show_progress=False)
     assert len(losses) == 2  # only steps 3 and 4 ran again
