@@ -1,6 +1,6 @@
 """``hfi bench removal``: the paper's comparison on the committed toy world.
 
-    hfi bench removal --out bench-out            # full: 128+ images per group, about 45 min on 2 cores
+    hfi bench removal --out bench-out            # full: 128+ images per group, about 36 min on 2 cores
     hfi bench removal --quick --out bench-quick  # smoke run: 32+ images per group, fewer steps
 
 MLflow: a parent run for the benchmark and a child per method, at $MLFLOW_TRACKING_URI or, by
