@@ -2,7 +2,7 @@
 the oracle judges, and the report, the grid and the MLflow runs are there.
 
 The checks are looser than the full benchmark's bar (see benchmarks/removal.yaml and the README):
---quick trains 100 steps (ESD 600 and SDD 1200 in full mode) on a third of the upstream images.
+--quick trains 100 steps (ESD 600 and SDD 1040 in full mode) on a third of the upstream images.
 """
 
 import json
@@ -51,7 +51,7 @@ def test_the_world_draws_the_concept_and_the_trained_methods_change_it(quick):
     sd = rows["sd"]
     assert sd["striped[explicit]"] >= 0.8 and sd["dotted[dotted]"] >= 0.8 and sd["plain[plain]"] >= 0.8
     trained = ("esd-x", "sdd", "hfi+esd-x", "hfi+sdd")
-    # --quick trains a sixth to a twelfth of the steps on a third of the upstream images: some method must
+    # --quick trains a sixth to a tenth of the steps on a third of the upstream images: some method must
     # already remove part of the concept, and the trained models must not all draw what SD draws.
     assert min(rows[m]["striped[explicit]"] for m in trained) < sd["striped[explicit]"]
     assert max(rows[m]["drift_non_target"] for m in trained) > 0
