@@ -80,12 +80,13 @@ def trajectory_states(
     ``(x_t, t)`` after each position's number of steps, in the order of ``positions``."""
     device, dtype = cond.device, cond.dtype
     x = torch.randn(shape, generator=generator).to(device, dtype) * sched.init_noise_sigma  # (B, C, H, W)
-    states = {0: x}
+    states = {0: x}  # only the positions asked for are kept
     for i, t in enumerate(sched.timesteps[: max(positions)]):
         inp = sched.scale_model_input(torch.cat([x, x]), t)
         eps_u, eps_c = unet(inp, t, torch.cat([uncond, cond])).sample.chunk(2)
         x = sched.step(eps_u + guidance * (eps_c - eps_u), t, x).prev_sample
-        states[i + 1] = x
+        if i + 1 in positions:
+            states[i + 1] = x
     return [(states[k], sched.timesteps[k].expand(shape[0]).to(device)) for k in positions]
 
 
@@ -102,21 +103,20 @@ class Rollouts:
     def __init__(self, s: Setup, cfg: Any) -> None:
         self.s, self.cfg = s, cfg
         self.reuse: int = cfg.rollout_reuse
-        self.cond: torch.Tensor | None = None  # (B, L, D)
-        self.states: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.states: list[tuple[torch.Tensor, torch.Tensor]] = []  # the current rollout's (x_t, t)
 
     def state(self, model: UNet2DConditionModel, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(cond, x_t, t)`` for ``step``; a resumed run must start on a multiple of ``reuse``."""
-        s, cfg, group = self.s, self.cfg, step // self.reuse
-        if step % self.reuse == 0 or not self.states:
-            self.cond = s.cond_all[group % len(s.cond_all)].expand(cfg.batch_size, -1, -1)
+        """``(cond, x_t, t)`` for ``step``; steps come in order from a multiple of ``reuse``
+        (``checkpoint_every`` is one, so a resumed run starts there too)."""
+        s, cfg = self.s, self.cfg
+        cond = s.cond_all[(step // self.reuse) % len(s.cond_all)].expand(cfg.batch_size, -1, -1)  # (B, L, D)
+        if step % self.reuse == 0:
             ks = [sample_step_index(cfg.sampler_steps, s.rng, cfg.timestep_alpha, cfg.timestep_beta)
                   for _ in range(self.reuse)]  # fmt: skip
             self.states = trajectory_states(
-                model, s.sched, self.cond, s.uncond, ks, cfg.guidance, s.latent_shape, s.gen
+                model, s.sched, cond, s.uncond, ks, cfg.guidance, s.latent_shape, s.gen
             )  # one rollout to max(ks), the state at each k
-        assert self.cond is not None
-        return (self.cond, *self.states[step % self.reuse])
+        return (cond, *self.states[step % self.reuse])
 
 
 LORA_TARGETS = ["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]

@@ -14,6 +14,7 @@ from hfi_core.distill.common import (
     Rollouts,
     ddim_scheduler,
     encode_prompts,
+    prepare,
     preservation_loss,
     run_trajectory,
     sample_step_index,
@@ -169,8 +170,6 @@ def test_one_rollout_gives_each_position_the_state_its_own_partial_trajectory_wo
 
 @pytest.mark.parametrize("reuse", [1, 3])
 def test_rollouts_serve_reuse_steps_each_with_one_prompt_per_rollout(pipe, reuse):
-    from hfi_core.distill.common import prepare
-
     cfg = DistillConfig(steps=6, sampler_steps=8, batch_size=2, rollout_reuse=reuse, checkpoint_every=0)
     prompts = ["a red circle", "a blue square"]
     s = prepare(copy.deepcopy(pipe), cfg, prompts)
