@@ -16,14 +16,13 @@ student.
 import argparse
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
-from hfi_core.config import load_config
+from benchmarks.removal import eval_config
+from hfi_core.config import load_config, read_yaml
 from hfi_core.distill.esd import train_esd
 from hfi_core.distill.sdd import train_sdd
 from hfi_core.evaluation import Variant, evaluate
@@ -46,17 +45,17 @@ BASE = {
 
 def main(run: Path, name: str, args: list[str], n_per_prompt: int = 4, student: bool = False) -> None:
     torch.set_num_threads(1)
-    overrides = {k: yaml.safe_load(v) for k, v in (a.split("=", 1) for a in args)}
+    overrides = {k: read_yaml(v) for k, v in (a.split("=", 1) for a in args)}
     cfg = load_config(CONFIG, {**BASE, **overrides})
     dc, out = cfg.distill, OUT / name
     out.mkdir(parents=True, exist_ok=True)
-    common = dict(n_per_prompt=n_per_prompt, seed=VALIDATION_SEED, clip_path=None, oracle_dir=cfg.evaluate.oracle)
+    ecfg = eval_config(cfg, n_per_prompt, VALIDATION_SEED)
     base_npy = OUT / f"sd_{VALIDATION_SEED}_{n_per_prompt}.npy"
     if not base_npy.exists():
-        _, base = evaluate(cfg, Variant("sd"), OUT / f"sd_{n_per_prompt}", **common)
+        _, base = evaluate(ecfg, Variant("sd"), OUT / f"sd_{n_per_prompt}")
         np.save(base_npy, base)
     base = np.load(base_npy)
-    pipe = load_sd_pipeline(replace(cfg.model, dtype="float32"), "ddim")
+    pipe = load_sd_pipeline(cfg.model.model_copy(update={"dtype": "float32"}), "ddim")
     token = None
     if dc.use_token:
         pipe.load_textual_inversion(str(run / "invert"))
@@ -69,7 +68,7 @@ def main(run: Path, name: str, args: list[str], n_per_prompt: int = 4, student: 
     pipe.unet.save_pretrained(out / "student")
     result = {"overrides": overrides, "n_per_prompt": n_per_prompt, "train_s": round(seconds, 1)}
     for v in ["teacher", "student"] if dc.method == "sdd" and student else ["teacher"]:
-        m, _ = evaluate(cfg, Variant(v, unet=str(out / v)), out / f"eval_{v}", base_images=base, **common)
+        m, _ = evaluate(ecfg, Variant(v, unet=str(out / v)), out / f"eval_{v}", base_images=base)
         result[v] = {
             g: {k: round(x, 3) for k, x in d.items() if k.startswith("oracle") or k == "drift"}
             for g, d in m["groups"].items()

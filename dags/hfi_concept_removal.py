@@ -1,6 +1,7 @@
 """Nightly concept removal with human feedback (HFI + SDD).
 
-generate -> publish -> feedback -> reward -> invert -> distill -> evaluate -> register
+Every stage of the table (``hfi_stages.json``), wired by its dependencies:
+generate -> (publish, feedback) ; feedback -> reward -> invert -> distill -> evaluate -> register.
 
 Runs every night at 02:00 UTC, and whenever a new feedback batch lands (the
 ``hfi_feedback_batch`` asset). Each task runs ``hfi step <stage>`` against the run's store
@@ -19,7 +20,7 @@ from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable
 
 # Airflow 3 puts only the config and plugins folders on sys.path, not the DAGs folder.
 sys.path.insert(0, str(Path(__file__).parent))
-from hfi_steps import STAGES, default_args, params, step_task  # noqa: E402
+from hfi_steps import STAGES, add_stages, default_args, params  # noqa: E402
 
 FEEDBACK_BATCH = Asset("hfi_feedback_batch", uri="file:///hfi/feedback/inbox")
 
@@ -34,9 +35,4 @@ with DAG(
     tags=["hfi", "concept-removal", "gpu"],
     doc_md=__doc__,
 ) as dag:
-    previous = None
-    for stage in STAGES:
-        task = step_task(stage)
-        if previous is not None:
-            previous >> task
-        previous = task
+    add_stages(list(STAGES))

@@ -1,6 +1,6 @@
 """Generate a labeling batch and publish it for annotators (a Label Studio import file).
 
-generate -> publish
+The stages the table marks ``batch`` (generate -> publish), wired by its dependencies.
 
 The import file and labeling config land under the run's ``publish/`` prefix. When the
 annotators' export comes back and is dropped into the feedback inbox, whoever drops it records
@@ -18,7 +18,7 @@ from airflow.sdk import DAG
 
 # Airflow 3 puts only the config and plugins folders on sys.path, not the DAGs folder.
 sys.path.insert(0, str(Path(__file__).parent))
-from hfi_steps import default_args, params, step_task  # noqa: E402
+from hfi_steps import STAGES, add_stages, default_args, params  # noqa: E402
 
 with DAG(
     dag_id="hfi_feedback_collection",
@@ -31,4 +31,4 @@ with DAG(
     tags=["hfi", "feedback"],
     doc_md=__doc__,
 ) as dag:
-    step_task("generate") >> step_task("publish")
+    add_stages([name for name, row in STAGES.items() if row["batch"]])

@@ -2,15 +2,19 @@
 
 One setting, the worker's ``HFI_STEP_RUNNER`` environment variable (``local`` | ``docker`` |
 ``kubernetes``), chooses; no DAG file changes. ``HFI_STEP_GPUS`` (``all``, a count, or ``none``)
-says what the GPU steps ask for. Every step runs the same command,
-``hfi step <stage> --config ... --run-uri ...``, in the worker (local), in the step image (Docker,
-with GPU device requests) or in a pod (``nvidia.com/gpu`` limits, node selector, tolerations).
+says what the GPU steps ask for. Every step runs the same argv,
+``hfi step <stage> --config C --run-uri URI --params-json {...}``, as a subprocess of the worker
+(local), in the step image (Docker, with GPU device requests) or in a pod (``nvidia.com/gpu``
+limits, node selector, tolerations). The command is an argv list: Params are rendered into
+single arguments, never into a shell string.
 
-Nothing here imports torch, diffusers, mlflow or boto3, and the provider modules are imported
-only for the runner in use. Credentials never appear here: local steps inherit the worker's
-environment; Docker steps source an env file of the worker host (``HFI_DOCKER_ENV_FILE``, a path, mounted
-read-only; it must be readable by the image's user, uid 10001);
-pods mount a Kubernetes Secret (``HFI_K8S_SECRET``, a name).
+The pipeline's shape comes from ``hfi_stages.json`` and the Params from ``hfi_params.json``, both
+exported from the library (``hfi dags export``), so parsing a DAG imports nothing heavy: not
+torch, diffusers, mlflow, boto3, nor ``hfi_core``. The provider modules are imported only for
+the runner in use. Credentials never appear here: local steps inherit the worker's environment;
+Docker steps source an env file of the worker host (``HFI_DOCKER_ENV_FILE``, a path, mounted
+read-only; it must be readable by the image's user, uid 10001); pods mount a Kubernetes Secret
+(``HFI_K8S_SECRET``, a name).
 """
 
 from __future__ import annotations
@@ -19,27 +23,18 @@ import datetime as dt
 import json
 import logging
 import os
-import shlex
+import subprocess
 from pathlib import Path
 
 RUNNER = os.environ.get("HFI_STEP_RUNNER", "local")
 IMAGE = os.environ.get("HFI_IMAGE", "hfi-step:latest")
 HFI_BIN = os.environ.get("HFI_BIN", "hfi")
-GPU_STEPS = {"generate", "invert", "distill", "evaluate"}
 # GPUs a GPU step asks for: "all", a count, or "none" (CPU-only hosts and clusters).
 GPUS = os.environ.get("HFI_STEP_GPUS", "all")
-STAGES = ("generate", "publish", "feedback", "reward", "invert", "distill", "evaluate", "register")
-TIMEOUTS = {
-    "generate": 2,
-    "publish": 0.25,
-    "feedback": 0.5,
-    "reward": 1,
-    "invert": 2,
-    "distill": 6,
-    "evaluate": 2,
-    "register": 0.25,
-}
 PARAMS_FILE = Path(__file__).with_name("hfi_params.json")
+STAGES_FILE = Path(__file__).with_name("hfi_stages.json")
+STAGES: dict[str, dict] = {s["name"]: s for s in json.loads(STAGES_FILE.read_text())}
+"""The stage table: name -> {upstream, gpu, timeout_hours, progress, batch}."""
 SECRET_ENV = "/run/secrets/hfi-env"  # where a Docker step finds HFI_DOCKER_ENV_FILE (no ".env": see below)
 # What the step reads about its Airflow run, passed explicitly to containers and pods.
 CONTEXT_ENV = {
@@ -80,8 +75,9 @@ def default_args() -> dict:
 def params() -> dict:
     """Airflow Params: the config path, the run root, and every overridable config field.
 
-    The fields come from ``hfi_params.json``, exported from the config schema (``hfi dags params``),
-    so parsing a DAG never imports the library; a test keeps the file equal to the schema.
+    The fields and their JSON schemas (type, enum, minimum, maximum) come from ``hfi_params.json``,
+    so Airflow's trigger form and ``dags test`` refuse a bad value before any step runs. ``None``
+    (the default) keeps the YAML's value; the schema's own default is shown for reference.
     """
     from airflow.sdk import Param
 
@@ -93,34 +89,49 @@ def params() -> dict:
         "run_name": Param(None, type=["string", "null"], description="run folder under run_root (default: the run id)"),
     }
     for f in json.loads(PARAMS_FILE.read_text()):
-        # null keeps the YAML's value; the schema's own default is shown for reference
-        out[f["key"]] = Param(
-            None, type=[f["type"], "null"], description=f"{f['doc']} (schema default: {f['default']})"
-        )
+        schema = dict(f["schema"])
+        schema["type"] = [schema["type"], "null"]
+        if "enum" in schema:
+            schema["enum"] = [*schema["enum"], None]
+        out[f["key"]] = Param(None, description=f"{f['doc']} (schema default: {f['default']})", **schema)
     return out
 
 
-def step_command(stage: str) -> str:
-    """The templated ``hfi step`` command line; every Param that is set is passed as ``--set``."""
+def step_argv(stage: str) -> list[str]:
+    """The templated argv of ``hfi step``; each element renders to exactly one argument.
+
+    The overridable Params travel as one JSON object (``tojson`` of each value, so 1e-05 stays a
+    float and a string stays a string); the step drops the nulls.
+    """
     keys = [f["key"] for f in json.loads(PARAMS_FILE.read_text())]
     run_uri = "{{ params.run_root }}/{{ params.run_name or (run_id | replace(':', '') | replace('+', '')) }}"
-    cmd = f'{shlex.quote(HFI_BIN)} step {stage} --config "{{{{ params.config }}}}" --run-uri "{run_uri}"'
-    for key in keys:
-        value = '{{ params["' + key + '"] | tojson }}'
-        cmd += '{% if params["' + key + '"] is not none %} ' + f"'--set={key}={value}'" + "{% endif %}"
-    return cmd
+    overrides = "{" + ", ".join(f"{json.dumps(k)}: {{{{ params[{json.dumps(k)}] | tojson }}}}" for k in keys) + "}"
+    return [HFI_BIN, "step", stage, "--config", "{{ params.config }}", "--run-uri", run_uri,
+            "--params-json", overrides]  # fmt: skip
+
+
+def run_argv(*argv: str) -> None:
+    """The local runner: run ``argv`` as a subprocess of the worker, its output in the task log."""
+    log.info("running %s", json.dumps(list(argv[:3])))
+    proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        log.info("%s", line.rstrip())
+    if proc.wait() != 0:
+        raise RuntimeError(f"hfi step {argv[2]} exited with {proc.returncode}")
 
 
 def step_task(stage: str):
     """The operator running ``stage`` with the runner chosen by ``HFI_STEP_RUNNER``."""
-    command = step_command(stage)
-    common = dict(task_id=stage, execution_timeout=dt.timedelta(hours=TIMEOUTS[stage]))
+    argv = step_argv(stage)
+    row = STAGES[stage]
+    common = dict(task_id=stage, execution_timeout=dt.timedelta(hours=row["timeout_hours"]))
     if RUNNER == "local":
-        from airflow.providers.standard.operators.bash import BashOperator
+        from airflow.providers.standard.operators.python import PythonOperator
 
-        return BashOperator(bash_command=command, **common)
+        return PythonOperator(python_callable=run_argv, op_args=argv, **common)
     env = {**CONTEXT_ENV, **{k: os.environ[k] for k in PASS_THROUGH if k in os.environ}}
-    gpu = stage in GPU_STEPS and GPUS != "none"
+    gpu = row["gpu"] and GPUS != "none"
     count = -1 if GPUS in ("all", "none") else int(GPUS)
     if RUNNER == "docker":
         from airflow.providers.docker.operators.docker import DockerOperator
@@ -128,18 +139,19 @@ def step_task(stage: str):
 
         # The env file is mounted read-only and sourced inside the container, so credentials go
         # from the worker host's file to the step's environment and never through Airflow
-        # (rendered templates, XCom, logs).
-        env_file, mounts = os.environ.get("HFI_DOCKER_ENV_FILE"), []
+        # (rendered templates, XCom, logs). The shell script is a constant: the step's argv
+        # reaches it as "$@", never spliced into it.
+        env_file, mounts, script = os.environ.get("HFI_DOCKER_ENV_FILE"), [], 'exec "$@"'
         if env_file:
             # ``mounts`` is a templated field and DockerOperator reads any string ending in ".env"
             # as a template file to load; a Jinja string literal renders to the path itself.
             source = "{{ " + json.dumps(env_file) + " }}"
             mounts = [Mount(target=SECRET_ENV, source=source, type="bind", read_only=True)]
-            command = f"set -a && . {SECRET_ENV} && set +a && {command}"
+            script = f'set -a && . {SECRET_ENV} && set +a && exec "$@"'
         return DockerOperator(
             image=IMAGE,
-            entrypoint=["/bin/sh", "-c"],
-            command=[command],
+            entrypoint=["/bin/sh", "-c", script, "hfi-step"],
+            command=argv,
             environment=env,
             mounts=mounts,
             docker_url=os.environ.get("HFI_DOCKER_URL", "unix://var/run/docker.sock"),
@@ -159,8 +171,8 @@ def step_task(stage: str):
             name=f"hfi-{stage}",
             namespace=os.environ.get("HFI_K8S_NAMESPACE", "hfi"),
             image=IMAGE,
-            cmds=["/bin/sh", "-c"],
-            arguments=[command],
+            cmds=argv[:1],
+            arguments=argv[1:],
             env_vars=env,
             env_from=[k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=secret))] if secret else None,
             container_resources=k8s.V1ResourceRequirements(limits={"nvidia.com/gpu": gpu_limit}) if gpu else None,
@@ -173,3 +185,13 @@ def step_task(stage: str):
             **common,
         )
     raise ValueError(f"HFI_STEP_RUNNER={RUNNER!r}: expected local, docker or kubernetes")
+
+
+def add_stages(names: list[str]) -> dict:
+    """One task per stage of ``names`` (in the current DAG), wired by the table's dependencies."""
+    tasks = {name: step_task(name) for name in names}
+    for name, task in tasks.items():
+        for dep in STAGES[name]["upstream"]:
+            if dep in tasks:
+                tasks[dep] >> task
+    return tasks

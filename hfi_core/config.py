@@ -1,55 +1,81 @@
 """The run configuration: one YAML file describes one concept-removal run.
 
-Every section is a dataclass whose fields carry a one-line docstring: the configuration is the
-documentation. ``load_config(path)`` validates the whole file on load and an error names the
-key (``generation.steps: expected int, got 'ten'``), so a typo never surfaces an hour into a run.
+Every section is a pydantic model whose fields carry a one-line docstring: the configuration is
+the documentation (the docstrings become the JSON schema's descriptions, which the Airflow
+Params and ``--help`` show). ``load_config(path)`` validates the whole file on load, ranges
+included, and an error names the file and the dotted key (``generation.steps: expected int, got
+'ten'``), so a typo never surfaces an hour into a run.
+
+Defaults that follow from other fields (the token's starting word, the negative prompt, SLD's
+concept, the evaluation CLIP, the registered model's name) are resolved here, once, at load.
 
 Model paths may be a diffusers/transformers folder, a hub id, or ``toyworld:sd`` /
-``toyworld:clip`` / ``toyworld:oracle`` for the committed toy world. A relative folder path is
-taken relative to the config file.
+``toyworld:clip`` / ``toyworld:oracle`` for the committed toy world. ``toyworld:`` references
+stay symbolic (``models.locate`` resolves them where models load), so a shipped config hashes the
+same in every checkout folder; a relative folder path (``./x``) is taken relative to the config
+file and stored absolute.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import re
 import types
 import typing
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from hfi_core.nudity import DEFAULT_CLASSES as NUDENET_CLASSES
 
+TOYWORLD_PARTS = ("sd", "clip", "oracle")
+
 
 class ConfigError(ValueError):
-    """A configuration value is missing, unknown or of the wrong type; the message names it."""
+    """A configuration value is missing, unknown, of the wrong type or out of range; the message names it."""
+
+
+class Section(BaseModel):
+    """A config section: unknown keys refused, types strict (``"10"`` is not an int, ``true`` is not 1)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True, use_attribute_docstrings=True)
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as e:
+            raise ConfigError(describe(e, type(self))) from None
+
+    # Direct construction (``DistillConfig(lr=-1)``) raises ConfigError like loading does; marked
+    # as pydantic's own __init__ so that validating nested sections does not go through it.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
 
 # ----------------------------------------------------------------------------- sections
 
 
-@dataclass
-class ConceptConfig:
+class ConceptConfig(Section):
     """What is being removed."""
 
-    name: str
+    name: str = Field(min_length=1)
     """Short name, used in run names and model cards (e.g. ``nudity``, ``van-gogh``, ``striped``)."""
     init_word: str = ""
     """A word the HFI token starts from (e.g. ``nudity``, ``stripe``); empty: the concept's name."""
-    clip_texts: list[str] = field(default_factory=list)
-    """Texts for the CLIP zero-shot concept rate: an image shows the concept when it is nearer these..."""
-    neutral_texts: list[str] = field(default_factory=list)
-    """...than these."""
+    clip_texts: list[str] = []
+    """Texts for the CLIP zero-shot concept rate: an image shows the concept when it is nearer
+    these (empty: the concept's name)..."""
+    neutral_texts: list[str] = []
+    """...than these (empty: ``a picture``)."""
+    sld_text: str = ""
+    """The concept Safe Latent Diffusion steers away from; empty: ``clip_texts`` joined by commas."""
 
 
-@dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """Which text-to-image model to start from."""
 
-    path: str
+    path: str = Field(min_length=1)
     """A diffusers Stable Diffusion folder, a hub id (``CompVis/stable-diffusion-v1-4``), or ``toyworld:sd``."""
     revision: str | None = None
     """Hub revision (ignored for folders)."""
@@ -59,59 +85,56 @@ class ModelConfig:
     """``auto``: CUDA when available, else CPU."""
 
 
-@dataclass
-class PromptSet:
+class PromptSet(Section):
     """Prompts of one group, e.g. ``target:explicit``, ``target:implicit``, ``preserve``."""
 
     group: str
     """``target:<name>`` for prompts that carry the concept, ``preserve[:<name>]`` for the rest."""
     prompts: list[str]
     """The prompts themselves."""
-    images_per_prompt: int = 4
+    images_per_prompt: int = Field(4, ge=1)
     """Images generated per prompt, each with its own seed."""
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> PromptSet:
         if not (self.group.startswith("target") or self.group.startswith("preserve")):
-            raise ConfigError(f"group {self.group!r}: must start with 'target' or 'preserve'")
+            raise ValueError(f"group {self.group!r}: must start with 'target' or 'preserve'")
         if not self.prompts:
-            raise ConfigError(f"group {self.group!r}: prompts is empty")
-        if self.images_per_prompt < 1:
-            raise ConfigError(f"group {self.group!r}: images_per_prompt must be >= 1")
+            raise ValueError(f"group {self.group!r}: prompts is empty")
+        return self
 
 
-@dataclass
-class GenerationConfig:
+class GenerationConfig(Section):
     """How images are sampled (the same settings for every group)."""
 
-    steps: int = 20
+    steps: int = Field(20, ge=1, le=1000)
     """Denoising steps."""
-    guidance: float = 5.0
+    guidance: float = Field(5.0, ge=0)
     """Classifier-free guidance scale (SD v1.4 is usually run at 7.5)."""
     scheduler: Literal["dpmsolver", "ddim", "pndm", "euler"] = "dpmsolver"
     """Sampler, built with ``from_config`` from the model's own scheduler config."""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Base seed: each image's seed is derived from it, its prompt and its index (stable when prompts are added)."""
-    batch_size: int = 16
+    batch_size: int = Field(16, ge=1)
     """Images per pipeline call."""
-    height: int | None = None
+    height: int | None = Field(None, ge=8)
     """Pixels; ``None``: the model's native size (512 for SD v1.4, 32 for the toy world)."""
-    width: int | None = None
+    width: int | None = Field(None, ge=8)
     """Pixels; ``None``: the model's native size."""
     negative_prompt: str | None = None
     """An inference-time baseline: the concept text as negative prompt."""
     sld: Literal["weak", "medium", "strong", "max"] | None = None
-    """An inference-time baseline: Safe Latent Diffusion with this preset, steering from ``concept.clip_texts``."""
+    """An inference-time baseline: Safe Latent Diffusion with this preset, steering from ``concept.sld_text``."""
 
 
-@dataclass
-class SimulateConfig:
+class SimulateConfig(Section):
     """The toy-world oracle playing human annotators."""
 
-    annotators: int = 3
+    annotators: int = Field(3, ge=1)
     """How many simulated people label every image."""
-    noise: float = 0.1
+    noise: float = Field(0.1, ge=0, le=1)
     """Chance that one annotator flips one label (or swaps one ranked pair)."""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Seeds the simulated noise."""
     oracle: str = "toyworld:oracle"
     """The judge (an ``Oracle`` folder)."""
@@ -121,201 +144,198 @@ class SimulateConfig:
     """...and which value of it counts as showing the concept."""
 
 
-@dataclass
-class FeedbackConfig:
+class FeedbackConfig(Section):
     """Where the human judgements come from and what they look like."""
 
     kind: Literal["binary", "ranking"] = "binary"
     """``binary``: each image shows the concept or not; ``ranking``: images of one prompt ranked."""
     source: Literal["simulate", "files"] = "files"
     """``files``: Label Studio / CSV / JSONL exports listed in ``files``; ``simulate``: the oracle."""
-    files: list[str] = field(default_factory=list)
+    files: list[str] = []
     """Export files to ingest when ``source: files``."""
-    positive_choice: str = "shows the concept"
+    positive_choice: str = Field("shows the concept", min_length=1)
     """The choice text that means label 1 (others: ``negative_choice``)."""
-    negative_choice: str = "does not show the concept"
+    negative_choice: str = Field("does not show the concept", min_length=1)
     """The choice text that means label 0."""
     image_store: str | None = None
     """Image URLs in exports must lie under this prefix; nothing outside it is ever fetched."""
     ranking_group: Literal["prompt", "batch"] = "prompt"
     """Rankings over images of one prompt, or across prompts (when a model draws a prompt's images alike)."""
-    max_file_mb: float = 100.0
+    max_file_mb: float = Field(100.0, gt=0)
     """Exports larger than this are refused."""
-    simulate: SimulateConfig = field(default_factory=SimulateConfig)
+    simulate: SimulateConfig = SimulateConfig()
     """Settings of ``source: simulate``."""
 
 
-@dataclass
-class RewardConfig:
+class RewardConfig(Section):
     """The reward model: an MLP head on frozen CLIP image embeddings."""
 
     clip: str = "openai/clip-vit-large-patch14"
     """CLIP model folder or id; ``toyworld:clip`` for the toy world."""
-    hidden: int = 256
+    hidden: int = Field(256, ge=1)
     """Width of the MLP's hidden layers."""
-    layers: int = 2
+    layers: int = Field(2, ge=1)
     """Hidden layers."""
-    dropout: float = 0.1
+    dropout: float = Field(0.1, ge=0, lt=1)
     """Dropout between hidden layers."""
     loss: Literal["mse", "bce"] = "mse"
     """Binary feedback: ``mse`` on the mean label (the paper's) or ``bce``. Ranking always uses Bradley-Terry."""
-    epochs: int = 200
+    epochs: int = Field(200, ge=1)
     """Passes over the training labels (full-batch: labels are few, embeddings are cached)."""
-    lr: float = 1e-3
+    lr: float = Field(1e-3, gt=0)
     """AdamW learning rate."""
-    weight_decay: float = 1e-4
+    weight_decay: float = Field(1e-4, ge=0)
     """AdamW weight decay."""
-    holdout: float = 0.2
+    holdout: float = Field(0.2, ge=0, lt=1)
     """Share of images (binary) or prompts (ranking) held out for the reported metrics."""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Seeds the split and the initialisation."""
 
 
-@dataclass
-class InvertConfig:
+class InvertConfig(Section):
     """Human Feedback Inversion: reward-weighted textual inversion of the soft token v*."""
 
-    token: str = "<hfi-concept>"
+    token: str = Field("<hfi-concept>", min_length=1)
     """The placeholder token added to the tokenizer (its embedding row is v*)."""
     init_word: str = ""
     """Word whose embedding v* starts from; empty: ``concept.init_word``, then ``concept.name``."""
-    templates: list[str] = field(default_factory=lambda: ["{}"])
+    templates: list[str] = ["{}"]
     """Prompts v* is trained in; ``{}`` is replaced by the token (e.g. ``a photo of {}``)."""
-    groups: list[str] = field(default_factory=lambda: ["target"])
+    groups: list[str] = ["target"]
     """Prompt-group prefixes whose images the inversion learns from (the model's own samples for c)."""
-    steps: int = 500
+    steps: int = Field(500, ge=1)
     """Optimiser steps."""
-    batch_size: int = 8
+    batch_size: int = Field(8, ge=1)
     """Images per step."""
-    lr: float = 5e-4
+    lr: float = Field(5e-4, gt=0)
     """AdamW learning rate on the embedding row (diffusers' textual-inversion example uses ~5e-4 for SD)."""
-    top_k: int = 0
+    top_k: int = Field(0, ge=0)
     """Keep only the K highest-reward images; 0 keeps all, weighted by reward."""
-    max_norm: float = 0.0
+    max_norm: float = Field(0.0, ge=0)
     """Cap the norm of v* at this multiple of the largest norm of a word's embedding after every
     step; 0: no cap. Unconstrained, textual inversion can grow v* far beyond any word (6x the mean
     row norm on the toy world), a token that outshouts its prompt and that a removal trained on
     it does not carry over to the words people use."""
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     """Seeds batches, noise and timesteps."""
 
-    def __post_init__(self) -> None:
-        if self.max_norm < 0:
-            raise ConfigError(f"max_norm: {self.max_norm} must be >= 0 (0: no cap)")
+    @field_validator("templates")
+    @classmethod
+    def _templates_hold_the_token(cls, v: list[str]) -> list[str]:
+        if not v or any("{}" not in t for t in v):
+            raise ValueError(f"every template needs '{{}}' where the token goes, got {v!r}")
+        return v
 
 
-@dataclass
-class DistillConfig:
+class DistillConfig(Section):
     """Fine-tuning that erases the concept: SDD (self-distillation) or ESD-x."""
 
     method: Literal["sdd", "esd"] = "sdd"
     """``sdd``: match the student's conditional to its own unconditional on EMA-teacher samples;
     ``esd``: match a frozen copy's negatively guided prediction."""
-    concept_prompts: list[str] = field(default_factory=lambda: ["{token}"])
+    concept_prompts: list[str] = ["{token}"]
     """Prompts naming the concept to erase, cycled; ``{token}``: the HFI token, ``{concept}``: the concept's name."""
     use_token: bool = True
     """Whether to remove with the HFI token (``concept_prompts``) or by text alone (``text_prompts``)."""
-    text_prompts: list[str] = field(default_factory=lambda: ["{concept}"])
+    text_prompts: list[str] = ["{concept}"]
     """Prompts naming the concept in words, cycled, for text-only removal (``use_token: false``)."""
-    preserve_prompts: list[str] = field(default_factory=list)
+    preserve_prompts: list[str] = []
     """Prompts whose predictions must stay the original model's (an anchor term, cycled); empty:
     the methods as published."""
-    preserve_weight: float = 1.0
+    preserve_weight: float = Field(1.0, ge=0)
     """Weight of the anchor term ``|| eps_theta(x_t, c_p) - eps_original(x_t, c_p) ||^2``."""
     trainable: Literal["attn2", "attn2_kv", "attn", "all", "lora"] = "attn2"
     """UNet parameters that train: cross-attention (SDD's default), its text key/value projections only,
     all attention, all, or a LoRA on cross-attention."""
-    lora_rank: int = 4
+    lora_rank: int = Field(4, ge=1)
     """Rank of the LoRA when ``trainable: lora``."""
-    steps: int = 1500
+    steps: int = Field(1500, ge=1)
     """Optimiser steps (batch ``batch_size``)."""
-    batch_size: int = 1
+    batch_size: int = Field(1, ge=1)
     """Trajectories per step."""
-    lr: float = 1e-5
+    lr: float = Field(1e-5, gt=0)
     """AdamW learning rate (constant)."""
-    weight_decay: float = 1e-4
+    weight_decay: float = Field(1e-4, ge=0)
     """AdamW weight decay."""
-    grad_clip: float = 1.0
+    grad_clip: float = Field(1.0, gt=0)
     """Gradient-norm clip."""
-    ema_decay: float = 0.999
+    ema_decay: float = Field(0.999, ge=0, le=1)
     """SDD's teacher: EMA of the student; the teacher is what is saved and evaluated."""
-    timestep_alpha: float = 3.0
+    timestep_alpha: float = Field(3.0, gt=0)
     """Training states come from ``Beta(alpha, beta)`` positions on the sampler trajectory..."""
-    timestep_beta: float = 3.0
+    timestep_beta: float = Field(3.0, gt=0)
     """...(3, 3) as in HFI; (1, 1) is the reference code's uniform draw."""
-    sampler_steps: int = 50
+    sampler_steps: int = Field(50, ge=1)
     """DDIM (eta 0) steps of the trajectory the training states come from."""
-    guidance: float = 3.0
+    guidance: float = Field(3.0, ge=0)
     """Classifier-free guidance of that trajectory."""
-    esd_eta: float = 1.0
+    esd_eta: float = Field(1.0, ge=0)
     """ESD's negative-guidance strength."""
-    rollout_reuse: int = 1
+    rollout_reuse: int = Field(1, ge=1)
     """Training steps that share one sampler rollout: every ``rollout_reuse`` steps, draw that
     many trajectory positions, run the trajectory once to the furthest and train on each
     position in turn. 1 (as published) runs a fresh partial trajectory every step, which costs
     most of a step (about ``sampler_steps / 2`` guided forwards); 4 makes one rollout serve 4
     steps at the cost of about 0.75 ``sampler_steps``."""
-    checkpoint_every: int = 100
-    """Steps between checkpoints (``--resume`` continues from the last one); a multiple of
-    ``rollout_reuse``, so that a resumed run starts a fresh rollout as the uninterrupted one did."""
-    seed: int = 0
+    checkpoint_every: int = Field(100, ge=0)
+    """Steps between checkpoints (``--resume`` continues from the last one), 0 for none; a multiple
+    of ``rollout_reuse``, so that a resumed run starts a fresh rollout as the uninterrupted one did."""
+    seed: int = Field(0, ge=0)
     """Seeds trajectories and timesteps."""
 
-    def __post_init__(self) -> None:
-        if self.rollout_reuse < 1:
-            raise ConfigError(f"rollout_reuse: {self.rollout_reuse} must be >= 1 (1: a fresh trajectory every step)")
+    @model_validator(mode="after")
+    def _checkpoints_on_rollout_boundaries(self) -> DistillConfig:
         if self.checkpoint_every % self.rollout_reuse:
-            raise ConfigError(
+            raise ValueError(
                 f"checkpoint_every: {self.checkpoint_every} must be a multiple of rollout_reuse "
                 f"({self.rollout_reuse}), or 0 for no checkpoints"
             )
+        return self
 
 
-@dataclass
-class EvaluateConfig:
+Baseline = Literal["negative_prompt", "sld-weak", "sld-medium", "sld-strong", "sld-max"]
+
+
+class EvaluateConfig(Section):
     """How models are measured (the same seeds for every variant)."""
 
-    n_per_prompt: int = 4
+    n_per_prompt: int = Field(4, ge=1)
     """Evaluation images per prompt."""
-    seed: int = 1_000_000
+    seed: int = Field(1_000_000, ge=0)
     """First evaluation seed (kept apart from generation seeds, which trained the reward and v*)."""
     clip: str = ""
     """CLIP for concept rate and CLIP score; empty: ``reward.clip``."""
     oracle: str = ""
     """A toy-world oracle to judge with (``toyworld:oracle``); empty: none."""
-    baselines: list[Literal["negative_prompt", "sld-weak", "sld-medium", "sld-strong", "sld-max"]] = field(
-        default_factory=list
-    )
+    baselines: list[Baseline] = []
     """Inference-time baselines to measure beside base and distilled."""
     negative_prompt: str = ""
     """Text of the negative-prompt baseline; empty: the concept's name."""
     nudenet: bool = False
     """Also report NudeNet's nudity rate (SD nudity runs)."""
-    nudenet_classes: list[str] = field(default_factory=lambda: list(NUDENET_CLASSES))
+    nudenet_classes: list[str] = list(NUDENET_CLASSES)
     """NudeNet classes that make an image count as nude."""
-    nudenet_threshold: float = 0.6
+    nudenet_threshold: float = Field(0.6, ge=0, le=1)
     """Detection score above which a class counts."""
 
 
-@dataclass
-class PromotionConfig:
+class PromotionConfig(Section):
     """When a distilled model becomes the ``champion`` in the model registry."""
 
     model_name: str = ""
     """Registered model name; empty: ``hfi-<concept>``."""
     concept_metric: str = "clip_concept_rate"
     """The evaluation metric that measures the concept (``nudenet_rate``, ``oracle_striped``...)."""
-    max_concept_rate: float = 0.1
+    max_concept_rate: float = Field(0.1, ge=0, le=1)
     """Gate: mean over target groups of the distilled model's concept metric."""
-    max_preservation_drop: float = 0.02
+    max_preservation_drop: float = Field(0.02, ge=0)
     """Gate: drop of the mean CLIP score over preserve groups, base minus distilled."""
 
 
-@dataclass
-class RunConfig:
+class RunConfig(Section):
     """One concept-removal run."""
 
-    name: str
+    name: str = Field(min_length=1)
     """Run name, used in the run store and MLflow."""
     concept: ConceptConfig
     """What is removed."""
@@ -323,131 +343,196 @@ class RunConfig:
     """The base model."""
     prompts: list[PromptSet]
     """Prompt groups: at least one ``target`` group."""
-    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    generation: GenerationConfig = GenerationConfig()
     """Sampling settings."""
-    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    feedback: FeedbackConfig = FeedbackConfig()
     """Feedback source and format."""
-    reward: RewardConfig = field(default_factory=RewardConfig)
+    reward: RewardConfig = RewardConfig()
     """Reward model settings."""
-    invert: InvertConfig = field(default_factory=InvertConfig)
+    invert: InvertConfig = InvertConfig()
     """HFI inversion settings."""
-    distill: DistillConfig = field(default_factory=DistillConfig)
+    distill: DistillConfig = DistillConfig()
     """Erasure fine-tuning settings."""
-    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    evaluate: EvaluateConfig = EvaluateConfig()
     """Evaluation settings."""
-    promotion: PromotionConfig = field(default_factory=PromotionConfig)
+    promotion: PromotionConfig = PromotionConfig()
     """Registry gates."""
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check_and_resolve(self) -> RunConfig:
         if not any(p.group.startswith("target") for p in self.prompts):
-            raise ConfigError("prompts: needs at least one group starting with 'target'")
+            raise ValueError("prompts: needs at least one group starting with 'target'")
         groups = [p.group for p in self.prompts]
         if len(set(groups)) != len(groups):
-            raise ConfigError(f"prompts: group names repeat: {groups}")
+            raise ValueError(f"prompts: group names repeat: {groups}")
+        for key, spec in self.model_specs().items():
+            if spec.startswith("toyworld:") and spec.split(":", 1)[1] not in TOYWORLD_PARTS:
+                raise ValueError(f"{key}: {spec!r}: the toy world has {', '.join(TOYWORLD_PARTS)}")
+        # Derived defaults, resolved once here so every stage reads the same value.
+        c = self.concept
+        c.init_word = c.init_word or c.name
+        c.clip_texts = c.clip_texts or [c.name]
+        c.neutral_texts = c.neutral_texts or ["a picture"]
+        c.sld_text = c.sld_text or ", ".join(c.clip_texts)
+        self.invert.init_word = self.invert.init_word or c.init_word
+        self.evaluate.negative_prompt = self.evaluate.negative_prompt or c.name
+        self.evaluate.clip = self.evaluate.clip or self.reward.clip
+        self.promotion.model_name = self.promotion.model_name or f"hfi-{c.name}"
+        return self
+
+    def model_specs(self) -> dict[str, str]:
+        """Every model reference of the run, by dotted key (``evaluate.oracle`` only when set)."""
+        specs = {
+            "model.path": self.model.path,
+            "reward.clip": self.reward.clip,
+            "evaluate.clip": self.evaluate.clip,
+            "feedback.simulate.oracle": self.feedback.simulate.oracle,
+        }
+        if self.evaluate.oracle:
+            specs["evaluate.oracle"] = self.evaluate.oracle
+        return specs
 
 
-# ----------------------------------------------------------------------------- loading
+# ----------------------------------------------------------------------------- errors
 
 
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def _unwrap(tp: Any) -> Any:
+    """``list[X]`` and ``X | None`` -> ``X``."""
+    while typing.get_origin(tp) in (list, typing.Union, types.UnionType):
+        tp = next(a for a in typing.get_args(tp) if a is not type(None))
+    return tp
 
 
-def _convert(tp: Any, value: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; build nested dataclasses."""
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
+def _type_at(cls: type[BaseModel], loc: tuple[int | str, ...]) -> Any:
+    """The annotation at ``loc`` (list indices and ``None`` options unwrapped), or None."""
+    tp: Any = cls
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        tp = _unwrap(tp)
+        if not (isinstance(tp, type) and issubclass(tp, BaseModel)) or part not in tp.model_fields:
             return None
-        inner = [a for a in args if a is not type(None)]
-        return _convert(inner[0], value, where) if len(inner) == 1 else value
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{where}: expected one of {list(args)}, got {value!r}")
-        return value
-    if origin in (list, tuple):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        item = args[0] if args else Any
-        items = [_convert(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
-        return items if origin is list else tuple(items)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value, where)
-    if tp is Any:
-        return value
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and (not isinstance(value, tp) or (tp is int and isinstance(value, bool))):
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    return value
+        tp = tp.model_fields[part].annotation
+    return _unwrap(tp)
 
 
-def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass ``cls`` from a mapping, checking every key and type.
+def _short(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def describe(e: ValidationError, cls: type[BaseModel], where: str = "") -> str:
+    """One line per problem, joined by ``; ``: ``distill.lr: must be > 0, got -1``."""
+
+    def key(loc: tuple[int | str, ...]) -> str:
+        out = where
+        for part in loc:
+            out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        return out or cls.__name__
+
+    expected = {"int": "int", "float": "float", "bool": "bool", "string": "str", "list": "a list",
+                "dict": "a mapping", "model": "a mapping"}  # fmt: skip
+    bounds = {"greater_than": ">", "greater_than_equal": ">=", "less_than": "<", "less_than_equal": "<="}
+    problems = []
+    extra: dict[tuple, list[str]] = {}
+    for err in e.errors():
+        loc, kind, value = err["loc"], err["type"], err.get("input")
+        ctx = err.get("ctx") or {}
+        if kind == "extra_forbidden":
+            extra.setdefault(loc[:-1], []).append(str(loc[-1]))
+        elif kind == "missing":
+            problems.append(f"{key(loc)}: required")
+        elif kind.endswith(("_type", "_parsing")) and kind.split("_")[0] in expected:
+            problems.append(f"{key(loc)}: expected {expected[kind.split('_')[0]]}, got {_short(value)}")
+        elif kind == "literal_error":
+            tp = _type_at(cls, loc)
+            options = list(typing.get_args(tp)) if typing.get_origin(tp) is Literal else ctx.get("expected")
+            problems.append(f"{key(loc)}: expected one of {options}, got {_short(value)}")
+        elif kind in bounds:
+            limit = next(iter(ctx.values()))
+            problems.append(f"{key(loc)}: must be {bounds[kind]} {limit}, got {_short(value)}")
+        elif kind == "too_short" and isinstance(value, str):
+            problems.append(f"{key(loc)}: must not be empty")
+        elif kind == "value_error":
+            msg = str(ctx.get("error", err["msg"]))
+            problems.append(f"{key(loc)}: {msg}" if loc else (f"{where}: {msg}" if where else msg))
+        else:
+            problems.append(f"{key(loc)}: {err['msg']}, got {_short(value)}")
+    for parent, names in extra.items():
+        tp = _type_at(cls, parent) if parent else cls
+        known = sorted(tp.model_fields) if isinstance(tp, type) and issubclass(tp, BaseModel) else []
+        problems.append(f"{key(parent)}: unknown key(s) {sorted(names)}; known: {known}")
+    return "; ".join(problems)
+
+
+M = typing.TypeVar("M", bound=BaseModel)
+
+
+def parse(cls: type[M], data: Any, where: str = "") -> M:
+    """Validate plain data (parsed YAML or JSON) as ``cls``.
 
     Raises:
-        ConfigError: naming the dotted key that is unknown, missing or of the wrong type.
+        ConfigError: naming every dotted key that is unknown, missing, mistyped or out of range.
     """
-    name = where or cls.__name__
-    if not isinstance(data, dict):
-        raise ConfigError(f"{name}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(known))
-    if unknown:
-        raise ConfigError(f"{name}: unknown key(s) {unknown}; known: {sorted(known)}")
-    kwargs = {}
-    for key, f in known.items():
-        path = f"{where}.{key}" if where else key
-        if key in data:
-            kwargs[key] = _convert(hints[key], data[key], path)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"{path}: required")
     try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{name}: {e}" if where else str(e)) from None
+        return cls.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(describe(e, cls, where)) from None
 
 
-def field_docs(cls: type) -> dict[str, str]:
-    """The one-line docstrings under a dataclass's fields (read from its source: Python drops them)."""
-    import ast
-    import inspect
-    import textwrap
+# ----------------------------------------------------------------------------- YAML
 
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
-    docs = {}
-    for node, nxt in zip(body, body[1:], strict=False):
-        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and isinstance(nxt.value, ast.Constant):
-            docs[node.target.id] = " ".join(str(nxt.value.value).split())
-    return docs
+
+class _Loader(yaml.SafeLoader):
+    """YAML as people write it: PyYAML follows YAML 1.1, where ``1e-5`` and ``2e-05`` (no dot)
+    are strings; YAML 1.2 and JSON read them as floats, and so does this loader."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def read_yaml(text: str) -> Any:
+    """Parse YAML (one config file, or one ``--set`` value) with floats as YAML 1.2 reads them."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+def load_yaml_file(path: Path) -> Any:
+    try:
+        return read_yaml(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        raise ConfigError(f"{path}: cannot read YAML: {e}") from None
+
+
+# ----------------------------------------------------------------------------- overrides
 
 
 OVERRIDABLE = ("generation", "reward", "invert", "distill", "evaluate", "promotion")
 
 
-def overridable_fields() -> list[tuple[str, Any, str, str]]:
-    """``(dotted key, default, JSON-schema type, doc)`` for every scalar field a run may override.
+def overridable_fields() -> list[dict[str, Any]]:
+    """Every scalar field a run may override: ``{"key", "default", "schema", "doc"}``.
 
-    The Airflow Params of the DAGs are built from this, so the UI shows the config's own docs.
+    ``schema`` is the field's JSON schema from the models (type, and enum, minimum, maximum where
+    they apply). The Airflow Params of the DAGs are built from this list, so the trigger form
+    shows the config's own docs and refuses what the config would refuse.
     """
+    defs = RunConfig.model_json_schema()["$defs"]
     out = []
-    hints = typing.get_type_hints(RunConfig)
     for section in OVERRIDABLE:
-        cls = hints[section]
-        docs, sub_hints = field_docs(cls), typing.get_type_hints(cls)
-        default = cls()
-        for f in dataclasses.fields(cls):
-            tp = sub_hints[f.name]
-            origin = typing.get_origin(tp)
-            if origin is Literal:
-                kind = "string"
-            elif tp in (int, float, str, bool):
-                kind = {int: "integer", float: "number", str: "string", bool: "boolean"}[tp]
-            else:
-                continue  # lists and nested sections stay in the YAML
-            out.append((f"{section}.{f.name}", getattr(default, f.name), kind, docs.get(f.name, "")))
+        cls = RunConfig.model_fields[section].annotation
+        props = defs[cls.__name__]["properties"]
+        for name, prop in props.items():
+            kind = prop.get("type")
+            if kind not in ("integer", "number", "string", "boolean"):
+                continue  # lists, optional values and nested sections stay in the YAML
+            schema = {k: prop[k] for k in ("type", "enum", "minimum", "maximum", "exclusiveMinimum",
+                                          "exclusiveMaximum", "minLength") if k in prop}  # fmt: skip
+            doc = " ".join((prop.get("description") or "").split())
+            out.append({"key": f"{section}.{name}", "default": prop.get("default"), "schema": schema, "doc": doc})
     return out
 
 
@@ -466,7 +551,7 @@ def apply_overrides(data: dict[str, Any], overrides: dict[str, Any]) -> dict[str
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read and validate a run config YAML; relative model folders resolve against its folder.
+    """Read and validate a run config YAML.
 
     ``overrides`` (dotted keys, e.g. from Airflow Params or ``--set``) are applied before validation.
 
@@ -474,36 +559,36 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         ConfigError: with the file name and the offending key.
     """
     path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read YAML: {e}") from None
+    data = load_yaml_file(path)
     if overrides:
         data = apply_overrides(data if isinstance(data, dict) else {}, overrides)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config sections, got {type(data).__name__}")
+    base = path.parent.resolve()
+    for section, key in (("model", "path"), ("reward", "clip"), ("evaluate", "clip"), ("evaluate", "oracle")):
+        node = data.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str):
+            node[key] = _relative_to(node[key], base)
+    fb = data.get("feedback")
+    if isinstance(fb, dict) and isinstance(fb.get("files"), list):
+        fb["files"] = [_relative_to(f, base, any_path=True) if isinstance(f, str) else f for f in fb["files"]]
     try:
-        cfg = from_dict(RunConfig, data)
+        return parse(RunConfig, data)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    base = path.parent.resolve()
-    cfg.model.path = resolve_model_path(cfg.model.path, base)
-    cfg.reward.clip = resolve_model_path(cfg.reward.clip, base)
-    cfg.feedback.simulate.oracle = resolve_model_path(cfg.feedback.simulate.oracle, base)
-    cfg.evaluate.clip = resolve_model_path(cfg.evaluate.clip or cfg.reward.clip, base)
-    if cfg.evaluate.oracle:
-        cfg.evaluate.oracle = resolve_model_path(cfg.evaluate.oracle, base)
-    cfg.feedback.files = [str((base / f).resolve()) if not Path(f).is_absolute() else f for f in cfg.feedback.files]
-    return cfg
 
 
-def resolve_model_path(spec: str, base: Path | None = None) -> str:
-    """``toyworld:<part>`` -> the committed world's folder; ``./x`` or ``../x`` -> under ``base``."""
-    if spec.startswith("toyworld:"):
-        from hfi_core.toyworld import default_world
-
-        part = spec.split(":", 1)[1]
-        if part not in ("sd", "clip", "oracle"):
-            raise ConfigError(f"{spec!r}: the toy world has 'sd', 'clip' and 'oracle'")
-        return str(default_world() / part)
-    if base is not None and spec.startswith((".", "/")) is True and not Path(spec).is_absolute():
+def _relative_to(spec: str, base: Path, any_path: bool = False) -> str:
+    """``./x`` or ``../x`` (any relative path when ``any_path``) -> absolute under ``base``."""
+    if spec.startswith("toyworld:") or Path(spec).is_absolute() or not spec:
+        return spec
+    if any_path or spec.startswith(("./", "../")):
         return str((base / spec).resolve())
-    return spec
+    return spec  # a hub id such as CompVis/stable-diffusion-v1-4
+
+
+def config_hash(cfg: BaseModel) -> str:
+    """sha256 of the validated config: the same in every checkout folder and on every machine."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(cfg.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()

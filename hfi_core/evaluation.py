@@ -24,13 +24,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import torch
 from PIL import Image
 
 from hfi_core.config import RunConfig
 from hfi_core.distill.outputs import apply_delta
 from hfi_core.embeddings import image_embeddings, text_embeddings
-from hfi_core.models import load_clip, load_sd_pipeline, sld_pipeline
+from hfi_core.models import load_clip, load_oracle, load_sd_pipeline, locate, sld_pipeline
+from hfi_core.sampling import sample
 
 Inference = Literal["none", "negative_prompt", "sld-weak", "sld-medium", "sld-strong", "sld-max"]
 
@@ -50,15 +50,15 @@ class Variant:
     inference: Inference = "none"
     """An inference-time method on top."""
     negative_prompt: str | None = None
-    """The negative prompt for ``inference: negative_prompt``."""
+    """The negative prompt for ``inference: negative_prompt``; default: ``evaluate.negative_prompt``."""
     safety_concept: str | None = None
-    """SLD's concept text; default: the run's ``concept.clip_texts`` joined."""
+    """SLD's concept text; default: the run's ``concept.sld_text``."""
 
 
 def weights_sha256(folder: str | Path) -> str:
     """sha256 over a model folder's weight files (safetensors/bin/onnx), for evaluator identity."""
     h = hashlib.sha256()
-    for p in sorted(Path(folder).rglob("*")):
+    for p in sorted(Path(locate(str(folder))).rglob("*")):
         if p.suffix in (".safetensors", ".bin", ".onnx"):
             h.update(p.read_bytes())
     return h.hexdigest()
@@ -77,9 +77,9 @@ def load_variant(cfg: RunConfig, v: Variant, scheduler: str):
         pipe.load_textual_inversion(v.token_dir)
     kwargs: dict[str, Any] = {}
     if v.inference == "negative_prompt":
-        kwargs["negative_prompt"] = v.negative_prompt or cfg.concept.name
+        kwargs["negative_prompt"] = v.negative_prompt or cfg.evaluate.negative_prompt
     elif v.inference.startswith("sld-"):
-        concept = v.safety_concept or ", ".join(cfg.concept.clip_texts or [cfg.concept.name])
+        concept = v.safety_concept or cfg.concept.sld_text
         pipe, sld_kwargs = sld_pipeline(pipe, v.inference.split("-", 1)[1], concept)
         kwargs.update(sld_kwargs)
     return pipe, kwargs
@@ -98,33 +98,10 @@ def eval_plan(cfg: RunConfig, n_per_prompt: int, seed: int) -> list[tuple[str, s
     return [(g, p, seed + i) for i, (g, p) in enumerate(pairs)]
 
 
-@torch.no_grad()
-def draw(pipe, plan: list[tuple[str, str, int]], cfg: RunConfig, kwargs: dict, batch_size: int) -> np.ndarray:
-    """Images of the plan, uint8 (N, H, W, 3); image i depends only on its prompt and seed."""
-    g, out = cfg.generation, []
-    for i in range(0, len(plan), batch_size):
-        chunk = plan[i : i + batch_size]
-        extra = dict(kwargs)
-        if "negative_prompt" in extra:
-            extra["negative_prompt"] = [extra["negative_prompt"]] * len(chunk)
-        images = pipe(
-            [p for _, p, _ in chunk],
-            generator=[torch.Generator(pipe.device).manual_seed(s) for _, _, s in chunk],
-            num_inference_steps=g.steps,
-            guidance_scale=g.guidance,
-            height=g.height,
-            width=g.width,
-            output_type="np",
-            **extra,
-        ).images
-        out.append(np.round(np.asarray(images) * 255).clip(0, 255).astype(np.uint8))
-    return np.concatenate(out)
+def _oracle_metrics(oracle: str, images: np.ndarray, prompts: list[str]) -> dict[str, float]:
+    from hfi_core.toyworld.oracle import ATTRIBUTES
 
-
-def _oracle_metrics(oracle_dir: str, images: np.ndarray, prompts: list[str]) -> dict[str, float]:
-    from hfi_core.toyworld.oracle import ATTRIBUTES, Oracle
-
-    pred = Oracle.from_pretrained(oracle_dir).eval().predict(images)
+    pred = load_oracle(oracle).predict(images)
     out = {s: float(np.mean([p == s for p in pred["style"]])) for s in ATTRIBUTES["style"]}
     for attr in ("shape", "color"):
         expected = [next((w for w in p.split() if w in ATTRIBUTES[attr]), None) for p in prompts]
@@ -139,35 +116,35 @@ def evaluate(
     variant: Variant,
     out: Path,
     *,
-    n_per_prompt: int = 4,
-    seed: int = 1_000_000,
-    clip_path: str | None = None,
-    oracle_dir: str | None = None,
     base_images: np.ndarray | None = None,
     batch_size: int = 64,
 ) -> tuple[dict[str, Any], np.ndarray]:
-    """Measure ``variant``; writes ``metrics.json`` and ``grid.png`` under ``out``.
+    """Measure ``variant`` on ``cfg.evaluate``'s plan; writes ``metrics.json`` and ``grid.png`` under ``out``.
 
     Returns ``(metrics, images)``; pass the base variant's images as ``base_images`` of the others
     to get their drift.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe, kwargs = load_variant(cfg, variant, cfg.generation.scheduler)
-    plan = eval_plan(cfg, n_per_prompt, seed)
-    images = draw(pipe, plan, cfg, kwargs, batch_size)
-    clip_path = clip_path or cfg.reward.clip
-    clip, processor = load_clip(clip_path)
+    ec, g = cfg.evaluate, cfg.generation
+    pipe, kwargs = load_variant(cfg, variant, g.scheduler)
+    plan = eval_plan(cfg, ec.n_per_prompt, ec.seed)
+    negative = kwargs.pop("negative_prompt", None)
+    images = sample(
+        pipe, [p for _, p, _ in plan], [s for _, _, s in plan], steps=g.steps, guidance=g.guidance,
+        height=g.height, width=g.width, batch_size=batch_size, negative_prompt=negative, extra=kwargs,
+    )  # fmt: skip
+    clip, processor = load_clip(ec.clip)
     img_emb = image_embeddings(clip, processor, images)  # (N, D)
     prompt_emb = text_embeddings(clip, processor, [p for _, p, _ in plan])  # (N, D)
-    concept = text_embeddings(clip, processor, cfg.concept.clip_texts or [cfg.concept.name])
-    neutral = text_embeddings(clip, processor, cfg.concept.neutral_texts or ["a picture"])
+    concept = text_embeddings(clip, processor, cfg.concept.clip_texts)
+    neutral = text_embeddings(clip, processor, cfg.concept.neutral_texts)
     shows = (img_emb @ concept.T).max(1).values > (img_emb @ neutral.T).max(1).values  # (N,)
     nude = None
-    if cfg.evaluate.nudenet:
+    if ec.nudenet:
         from hfi_core.nudity import NudityDetector
 
-        detector = NudityDetector(cfg.evaluate.nudenet_classes, cfg.evaluate.nudenet_threshold)
+        detector = NudityDetector(ec.nudenet_classes, ec.nudenet_threshold)
         nude = detector.flags(images)
     groups: dict[str, dict[str, float]] = {}
     for group in dict.fromkeys(g for g, _, _ in plan):
@@ -183,15 +160,14 @@ def evaluate(
             m["drift"] = float(
                 np.abs(images[idx].astype(np.float32) - base_images[idx].astype(np.float32)).mean() / 255
             )
-        if oracle_dir:
-            m |= {
-                f"oracle_{k}": v for k, v in _oracle_metrics(oracle_dir, images[idx], [plan[i][1] for i in idx]).items()
-            }
+        if ec.oracle:
+            judged = _oracle_metrics(ec.oracle, images[idx], [plan[i][1] for i in idx])
+            m |= {f"oracle_{k}": v for k, v in judged.items()}
         groups[group] = m
     evaluators: dict[str, Any] = {
         "clip": {
-            "path": clip_path,
-            "weights_sha256": weights_sha256(clip_path),
+            "path": ec.clip,
+            "weights_sha256": weights_sha256(ec.clip),
             "concept_texts": cfg.concept.clip_texts,
             "neutral_texts": cfg.concept.neutral_texts,
         },
@@ -199,12 +175,12 @@ def evaluate(
     }
     if nude is not None:
         evaluators["nudenet"] = detector.identity()
-    if oracle_dir:
-        evaluators["oracle"] = {"path": oracle_dir, "weights_sha256": weights_sha256(oracle_dir)}
+    if ec.oracle:
+        evaluators["oracle"] = {"path": ec.oracle, "weights_sha256": weights_sha256(ec.oracle)}
     metrics = {
         "variant": asdict(variant),
         "groups": groups,
-        "settings": {"n_per_prompt": n_per_prompt, "seed": seed, **asdict(cfg.generation)},
+        "settings": {"n_per_prompt": ec.n_per_prompt, "seed": ec.seed, **g.model_dump()},
         "evaluators": evaluators,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

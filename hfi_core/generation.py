@@ -20,14 +20,13 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
-import torch
 from tqdm.auto import tqdm
 
 from hfi_core.config import RunConfig
 from hfi_core.images import JOURNAL, MANIFEST, MANIFEST_COLUMNS, png_bytes
 from hfi_core.models import load_sd_pipeline, model_identity, sld_pipeline
+from hfi_core.sampling import sample
 
 
 @dataclass(frozen=True)
@@ -91,7 +90,7 @@ def generate(cfg: RunConfig, out: Path, *, show_progress: bool = True) -> Genera
     pipe = load_sd_pipeline(cfg.model, g.scheduler)
     extra: dict = {}
     if g.sld:
-        pipe, extra = sld_pipeline(pipe, g.sld, ", ".join(cfg.concept.clip_texts or [cfg.concept.name]))
+        pipe, extra = sld_pipeline(pipe, g.sld, cfg.concept.sld_text)
     vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     height = g.height or pipe.unet.config.sample_size * vae_scale
     width = g.width or pipe.unet.config.sample_size * vae_scale
@@ -115,7 +114,6 @@ def generate(cfg: RunConfig, out: Path, *, show_progress: bool = True) -> Genera
         model=model_identity(cfg.model), scheduler=g.scheduler, steps=g.steps, guidance=g.guidance,
         negative_prompt=g.negative_prompt, sld=g.sld, width=width, height=height,
     )  # fmt: skip
-    device = pipe.device
     bar = tqdm(total=len(items), desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True)
     reused = sum(1 for batch in batches if all(it.image_id in done for it in batch) for _ in batch)
     bar.update(reused)
@@ -123,19 +121,12 @@ def generate(cfg: RunConfig, out: Path, *, show_progress: bool = True) -> Genera
         for batch in batches:
             if all(it.image_id in done for it in batch):
                 continue
-            images = pipe(
-                [it.prompt for it in batch],
-                negative_prompt=[g.negative_prompt] * len(batch) if g.negative_prompt else None,
-                generator=[torch.Generator(device).manual_seed(it.seed) for it in batch],
-                num_inference_steps=g.steps,
-                guidance_scale=g.guidance,
-                height=height,
-                width=width,
-                output_type="np",
-                **extra,
-            ).images  # (B, H, W, 3) float in [0, 1]
+            images = sample(
+                pipe, [it.prompt for it in batch], [it.seed for it in batch], steps=g.steps, guidance=g.guidance,
+                height=height, width=width, batch_size=len(batch), negative_prompt=g.negative_prompt, extra=extra,
+            )  # fmt: skip
             for it, img in zip(batch, images, strict=True):
-                data = png_bytes(np.round(img * 255).clip(0, 255).astype(np.uint8))
+                data = png_bytes(img)
                 sha = hashlib.sha256(data).hexdigest()
                 uri = f"images/{sha}.png"
                 if not (out / uri).exists():

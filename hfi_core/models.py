@@ -26,6 +26,16 @@ SCHEDULERS = {
 }
 
 
+def locate(spec: str) -> str:
+    """Where a model reference points: ``toyworld:<part>`` -> the committed world's folder; a
+    folder or hub id unchanged. Configs keep the reference as written (see ``config``)."""
+    if spec.startswith("toyworld:"):
+        from hfi_core.toyworld import default_world
+
+        return str(default_world() / spec.split(":", 1)[1])
+    return spec
+
+
 def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU."""
     if device == "auto":
@@ -41,7 +51,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def model_identity(cfg: ModelConfig) -> str:
-    """The string recorded with every image: path or id, and revision when set."""
+    """The string recorded with every image: the reference as configured (``toyworld:sd``, a
+    folder or a hub id), and the revision when set; never a checkout-dependent path."""
     return cfg.path + (f"@{cfg.revision}" if cfg.revision else "")
 
 
@@ -54,7 +65,7 @@ def load_sd_pipeline(cfg: ModelConfig, scheduler: str = "dpmsolver") -> StableDi
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     pipe = StableDiffusionPipeline.from_pretrained(
-        cfg.path, revision=cfg.revision, dtype=dtype, safety_checker=None, requires_safety_checker=False
+        locate(cfg.path), revision=cfg.revision, dtype=dtype, safety_checker=None, requires_safety_checker=False
     )
     pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
@@ -63,8 +74,15 @@ def load_sd_pipeline(cfg: ModelConfig, scheduler: str = "dpmsolver") -> StableDi
 
 def load_clip(path: str, device: str = "auto") -> tuple[CLIPModel, CLIPProcessor]:
     """A CLIP model (eval mode, fp32) and its processor."""
-    model = CLIPModel.from_pretrained(path).eval().to(resolve_device(device))
-    return model, CLIPProcessor.from_pretrained(path)
+    model = CLIPModel.from_pretrained(locate(path)).eval().to(resolve_device(device))
+    return model, CLIPProcessor.from_pretrained(locate(path))
+
+
+def load_oracle(spec: str):
+    """The toy world's judge (eval mode), from a folder or ``toyworld:oracle``."""
+    from hfi_core.toyworld.oracle import Oracle
+
+    return Oracle.from_pretrained(locate(spec)).eval()
 
 
 def sld_pipeline(pipe: StableDiffusionPipeline, preset: str, concept: str):

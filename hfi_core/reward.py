@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -268,7 +267,7 @@ def train_reward(
     else:
         raise FileNotFoundError(f"{feedback_dir}: neither labels.parquet nor pairs.parquet (run `hfi feedback ingest`)")
     metrics["embedded"] = cache.computed
-    metrics["config"] = asdict(cfg)
+    metrics["config"] = cfg.model_dump(mode="json")
     out.mkdir(parents=True, exist_ok=True)
     reward.save_pretrained(out / "model")
     table.to_parquet(out / "scores.parquet", index=False)

@@ -7,42 +7,59 @@
     run/invert/     learned_embeds.safetensors, metrics.json, token_samples.png
     run/distill/    unet/, delta.safetensors, README.md (model card), losses.png
     run/evaluate/   <variant>/metrics.json + grid.png, summary.json, summary.md
+    run/register/   registration.json (the gates, and the registered version when tracked)
 
-The CLI (``hfi run`` and the per-stage commands) and the Airflow tasks call exactly these.
+``STAGES``, at the bottom, is the pipeline's shape, written once: each stage's function, the
+stages it reads, whether it wants a GPU, its time limit and whether it draws a progress bar.
+``steps.run_step``, ``hfi run``, ``hfi step`` and (through ``dags/hfi_stages.json``, exported
+from it) the Airflow DAGs all read it.
+
+Heavy libraries are imported inside the functions, so reading the table costs nothing.
 """
 
 from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, replace
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from hfi_core.config import RunConfig
 
-STAGES = ("generate", "publish", "feedback", "reward", "invert", "distill", "evaluate")
+
+@dataclass
+class StageContext:
+    """What a stage gets besides the config and the run folder."""
+
+    show_progress: bool = False
+    """Draw progress bars (stages whose table row says ``progress``)."""
+    resume: bool = False
+    """``distill``: continue from ``distill/checkpoint``."""
+    tracker: Any = None
+    """A ``tracking.Tracker`` when the step is recorded in MLflow (``register`` needs it to register)."""
+    mlflow_run: str | None = None
+    """The step's own MLflow run id, with ``tracker``."""
 
 
-def stage_generate(cfg: RunConfig, run: Path, *, show_progress: bool = True) -> dict[str, Any]:
+def stage_generate(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
+    """Seeded images of every prompt group and their manifest (resumes a cut-short run)."""
     from hfi_core.generation import generate
 
-    result = generate(cfg, Path(run) / "generate", show_progress=show_progress)
+    result = generate(cfg, Path(run) / "generate", show_progress=ctx.show_progress)
     return {"manifest": str(result.manifest), "generated": result.generated, "reused": result.reused}
 
 
-def stage_publish(cfg: RunConfig, run: Path) -> dict[str, Any]:
+def stage_publish(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
     """Write the Label Studio import file and labeling config for the generated batch."""
-    from hfi_core.feedback.labelstudio import image_urls, import_batch, local_files_prefix
-    from hfi_core.images import read_manifest
+    from hfi_core.feedback.labelstudio import import_batch
 
     run, fb = Path(run), cfg.feedback
-    gen = run / "generate"
-    rows = read_manifest(gen / "manifest.parquet").to_dict("records")
-    urls = image_urls(rows, fb.image_store or local_files_prefix(str(gen.resolve())))
+    manifest, urls = _batch(cfg, run)
+    rows = manifest.to_dict("records")
     out = run / "publish"
     out.mkdir(parents=True, exist_ok=True)
     tasks, xml = import_batch(rows, urls, fb.kind, fb.positive_choice, fb.negative_choice, fb.ranking_group)
@@ -51,42 +68,55 @@ def stage_publish(cfg: RunConfig, run: Path) -> dict[str, Any]:
     return {"tasks": len(tasks), "kind": fb.kind, "import_file": str(out / "tasks.json")}
 
 
-def stage_feedback(cfg: RunConfig, run: Path) -> dict[str, Any]:
-    """Ingest the configured exports, or (toy world) the oracle's simulated export of the batch."""
-    from hfi_core.feedback.ingest import IngestSettings, ingest
+def _batch(cfg: RunConfig, run: Path) -> tuple[Any, Callable[[dict], str]]:
+    """The generated batch's manifest and the URL each image has in Label Studio."""
     from hfi_core.feedback.labelstudio import image_urls, local_files_prefix
     from hfi_core.images import read_manifest
 
-    run, fb = Path(run), cfg.feedback
-    gen = run / "generate"
+    gen = Path(run) / "generate"
     manifest = read_manifest(gen / "manifest.parquet")
-    urls = image_urls(manifest.to_dict("records"), fb.image_store or local_files_prefix(str(gen.resolve())))
-    ls = run / "feedback" / "labelstudio"
-    ls.mkdir(parents=True, exist_ok=True)
-    if fb.source == "simulate":
-        from hfi_core.feedback.simulate import simulate_export
+    urls = image_urls(manifest.to_dict("records"), cfg.feedback.image_store or local_files_prefix(str(gen.resolve())))
+    return manifest, urls
 
-        export = simulate_export(
-            manifest,
-            gen,
-            fb.simulate,
-            kind=fb.kind,
-            positive=fb.positive_choice,
-            negative=fb.negative_choice,
-            url_of=urls,
-            ranking_group=fb.ranking_group,
-        )
-        sources = [ls / "simulated_export.json"]
-        sources[0].write_text(json.dumps(export, indent=1))
+
+def simulate_feedback(cfg: RunConfig, run: Path, dest: Path) -> dict[str, Any]:
+    """Toy world: the oracle plays ``feedback.simulate.annotators`` people and writes a Label
+    Studio export of the generated batch to ``dest``."""
+    from hfi_core.feedback.simulate import simulate_export
+
+    fb = cfg.feedback
+    manifest, urls = _batch(cfg, run)
+    export = simulate_export(
+        manifest, Path(run) / "generate", fb.simulate, kind=fb.kind, positive=fb.positive_choice,
+        negative=fb.negative_choice, url_of=urls, ranking_group=fb.ranking_group,
+    )  # fmt: skip
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    tmp.write_text(json.dumps(export, indent=1))
+    tmp.replace(dest)
+    n = sum(len(t["annotations"]) for t in export)
+    return {"export": str(dest), "tasks": len(export), "annotations": n}
+
+
+def stage_feedback(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
+    """Ingest the configured exports, or (toy world) the oracle's simulated export of the batch."""
+    from hfi_core.feedback.ingest import IngestSettings, ingest
+
+    run, fb = Path(run), cfg.feedback
+    if fb.source == "simulate":
+        sources = [run / "feedback" / "labelstudio" / "simulated_export.json"]
+        simulate_feedback(cfg, run, sources[0])
     else:
         sources = [Path(f) for f in fb.files]
         if not sources:
             raise ValueError("feedback.files: empty; list the Label Studio exports, or use feedback.source: simulate")
+    manifest, _ = _batch(cfg, run)
     settings = IngestSettings(fb.kind, fb.positive_choice, fb.negative_choice, fb.image_store, fb.max_file_mb)
     return ingest(manifest, sources, run / "feedback", settings)
 
 
-def stage_reward(cfg: RunConfig, run: Path) -> dict[str, Any]:
+def stage_reward(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
+    """The reward model on every label so far (CLIP embeddings cached beside the stages)."""
     from hfi_core.images import read_manifest
     from hfi_core.reward import train_reward
 
@@ -98,7 +128,7 @@ def stage_reward(cfg: RunConfig, run: Path) -> dict[str, Any]:
     return {k: v for k, v in metrics.items() if k != "config"}
 
 
-def stage_invert(cfg: RunConfig, run: Path, *, show_progress: bool = True) -> dict[str, Any]:
+def stage_invert(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
     """Reward-weighted textual inversion over the target groups' images."""
     from hfi_core.images import load_images, read_manifest
     from hfi_core.inversion import encode_latents, invert, reward_weights, save_token
@@ -112,17 +142,16 @@ def stage_invert(cfg: RunConfig, run: Path, *, show_progress: bool = True) -> di
         raise ValueError(f"invert.groups: {ic.groups} match no generated group")
     rewards = score_images(run / "reward" / "model", manifest, run / "generate", cache_dir=run / "embedding_cache")
     weights = reward_weights(rewards, ic.top_k)
-    pipe = load_sd_pipeline(replace(cfg.model, dtype="float32"), "ddim")
+    pipe = load_sd_pipeline(cfg.model.model_copy(update={"dtype": "float32"}), "ddim")
     latents = encode_latents(pipe, load_images(manifest, run / "generate"))  # (N, C, h, w)
-    init_word = ic.init_word or cfg.concept.init_word or cfg.concept.name
     t0 = time.time()
-    v, losses = invert(pipe, latents, weights, ic, init_word, show_progress=show_progress)
+    v, losses = invert(pipe, latents, weights, ic, ic.init_word, show_progress=ctx.show_progress)
     out = run / "invert"
     save_token(out, ic.token, v)
-    _token_samples(pipe, ic, cfg, out / "token_samples.png")
+    _token_samples(pipe, cfg, out / "token_samples.png")
     metrics = {
         "token": ic.token,
-        "init_word": init_word,
+        "init_word": ic.init_word,
         "images": len(manifest),
         "images_weighted": int((weights > 0).sum()),
         "reward_mean": float(np.mean(rewards)),
@@ -134,21 +163,15 @@ def stage_invert(cfg: RunConfig, run: Path, *, show_progress: bool = True) -> di
     return metrics
 
 
-def _token_samples(pipe, ic, cfg: RunConfig, path: Path, n: int = 8) -> None:
+def _token_samples(pipe: Any, cfg: RunConfig, path: Path, n: int = 8) -> None:
     """What v* draws on its own: people would rather look at this than read a loss."""
     from hfi_core.evaluation import save_grid
+    from hfi_core.sampling import sample
 
-    pipe.set_progress_bar_config(disable=True)
-    prompts = [ic.templates[0].format(ic.token)] * n
-    images = pipe(
-        prompts,
-        generator=[torch.Generator(pipe.device).manual_seed(s) for s in range(n)],
-        num_inference_steps=cfg.generation.steps,
-        guidance_scale=cfg.generation.guidance,
-        output_type="np",
-    ).images
-    images = np.round(images * 255).astype(np.uint8)
-    save_grid(images, [(prompts[0], prompts[0], s) for s in range(n)], path, per_group=n)
+    prompt = cfg.invert.templates[0].format(cfg.invert.token)
+    g = cfg.generation
+    images = sample(pipe, [prompt] * n, list(range(n)), steps=g.steps, guidance=g.guidance)
+    save_grid(images, [(prompt, prompt, s) for s in range(n)], path, per_group=n)
 
 
 def concept_prompts(cfg: RunConfig, token: str | None) -> list[str]:
@@ -163,27 +186,24 @@ def concept_prompts(cfg: RunConfig, token: str | None) -> list[str]:
     return [p.replace("{token}", token or "").replace("{concept}", cfg.concept.name) for p in prompts]
 
 
-def stage_distill(
-    cfg: RunConfig, run: Path, *, resume: bool = False, show_progress: bool = True, out: Path | None = None
-) -> dict[str, Any]:
-    """SDD or ESD-x on the concept prompts (with v* when ``distill.use_token``), into ``out``
-    (default ``run/distill``)."""
+def stage_distill(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
+    """SDD or ESD-x on the concept prompts (with v* when ``distill.use_token``)."""
     from hfi_core.distill.esd import train_esd
     from hfi_core.distill.outputs import save_distilled
     from hfi_core.distill.sdd import train_sdd
     from hfi_core.models import load_sd_pipeline, model_identity
 
     run, dc = Path(run), cfg.distill
-    pipe = load_sd_pipeline(replace(cfg.model, dtype="float32"), "ddim")  # train in fp32
+    pipe = load_sd_pipeline(cfg.model.model_copy(update={"dtype": "float32"}), "ddim")  # train in fp32
     token = None
     if dc.use_token:
         pipe.load_textual_inversion(str(run / "invert"))
         token = cfg.invert.token
     prompts = concept_prompts(cfg, token)
     train = train_sdd if dc.method == "sdd" else train_esd
-    out = Path(out) if out else run / "distill"
+    out = run / "distill"
     t0 = time.time()
-    unet, names, losses = train(pipe, dc, prompts, out, resume=resume, show_progress=show_progress)
+    unet, names, losses = train(pipe, dc, prompts, out, resume=ctx.resume, show_progress=ctx.show_progress)
     seconds = time.time() - t0
     if dc.trainable == "lora":
         from hfi_core.distill.common import merge_lora
@@ -197,7 +217,7 @@ def stage_distill(
         "method": dc.method,
         "token": token,
         "concept_prompts": prompts,
-        "hyperparameters": asdict(dc),
+        "hyperparameters": dc.model_dump(mode="json"),
         "trained_parameters": len(names),
         "trained_values": int(sum(unet.state_dict()[n].numel() for n in names)),
     }
@@ -212,6 +232,8 @@ def stage_distill(
 def peak_memory() -> dict[str, Any]:
     """This process's peak memory: the CUDA allocator's peak on a GPU, else the peak resident set
     (which includes loading the models: run a training in its own process to measure it alone)."""
+    import torch
+
     if torch.cuda.is_available():
         return {"peak_memory_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1), "peak_memory_kind": "cuda"}
     import resource
@@ -238,25 +260,44 @@ def _plot_losses(losses: list[float], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def stage_evaluate(cfg: RunConfig, run: Path) -> dict[str, Any]:
+def stage_evaluate(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
     """Base, distilled and the configured baselines, same seeds; a before/after summary."""
     from hfi_core.evaluation import Variant, evaluate
 
-    run, ec = Path(run), cfg.evaluate
+    run = Path(run)
     out = run / "evaluate"
-    common = dict(n_per_prompt=ec.n_per_prompt, seed=ec.seed, clip_path=ec.clip or None, oracle_dir=ec.oracle or None)
     results: dict[str, dict] = {}
-    base_metrics, base_images = evaluate(cfg, Variant("sd"), out / "sd", **common)
-    results["sd"] = base_metrics
+    results["sd"], base_images = evaluate(cfg, Variant("sd"), out / "sd")
     variants = [Variant("distilled", unet=str(run / "distill" / "unet"))]
-    for b in ec.baselines:
-        variants.append(Variant(b, inference=b, negative_prompt=ec.negative_prompt or None))
+    variants += [Variant(b, inference=b) for b in cfg.evaluate.baselines]
     for v in variants:
-        results[v.name], _ = evaluate(cfg, v, out / v.name, base_images=base_images, **common)
+        results[v.name], _ = evaluate(cfg, v, out / v.name, base_images=base_images)
     summary = {name: m["groups"] for name, m in results.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(summary_table(summary))
     return summary
+
+
+def stage_register(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
+    """Check the promotion gates on the evaluation and register the distilled model.
+
+    With a tracker, the model becomes a new version of ``promotion.model_name`` and gets the
+    ``champion`` alias only when every gate passes; without one, only the verdict is written."""
+    from hfi_core.promotion import promotion_gates
+
+    run, p = Path(run), cfg.promotion
+    summary = json.loads((run / "evaluate" / "summary.json").read_text())
+    gates = promotion_gates(summary, p.max_concept_rate, p.max_preservation_drop, p.concept_metric)
+    version = None
+    if ctx.tracker is not None and ctx.mlflow_run is not None:
+        ctx.tracker.log_artifacts(ctx.mlflow_run, run / "distill", "model")
+        version = ctx.tracker.register(ctx.mlflow_run, p.model_name, "model", gates)
+    result = {"model_name": p.model_name, "version": version, "champion": gates.passed and version is not None,
+              "gates_passed": gates.passed, "gates": gates.checks}  # fmt: skip
+    out = run / "register"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "registration.json").write_text(json.dumps(result, indent=2))
+    return result
 
 
 def summary_table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -272,28 +313,72 @@ def summary_table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_all(
-    cfg: RunConfig, run: Path, *, show_progress: bool = True, stages: tuple[str, ...] = STAGES
-) -> dict[str, Any]:
-    """Every stage in order (or those of ``stages``), on one machine; returns each stage's result
-    and its seconds."""
-    run = Path(run)
-    run.mkdir(parents=True, exist_ok=True)
-    calls = {
-        "generate": lambda: stage_generate(cfg, run, show_progress=show_progress),
-        "publish": lambda: stage_publish(cfg, run),
-        "feedback": lambda: stage_feedback(cfg, run),
-        "reward": lambda: stage_reward(cfg, run),
-        "invert": lambda: stage_invert(cfg, run, show_progress=show_progress),
-        "distill": lambda: stage_distill(cfg, run, show_progress=show_progress),
-        "evaluate": lambda: stage_evaluate(cfg, run),
-    }
-    results: dict[str, Any] = {}
-    for name in (n for n in STAGES if n in stages):
-        if name == "invert" and not cfg.distill.use_token:
-            continue  # text-only removal needs no token
-        t0 = time.time()
-        results[name] = calls[name]()
-        results[f"{name}_seconds"] = round(time.time() - t0, 1)
-        (run / "run.json").write_text(json.dumps(results, indent=2, default=str))
-    return results
+@dataclass(frozen=True)
+class Stage:
+    """One row of the pipeline's table."""
+
+    name: str
+    run: Callable[[RunConfig, Path, StageContext], dict[str, Any]]
+    """``(config, run folder, context) -> result``; writes under ``run/<name>/``."""
+    upstream: tuple[str, ...]
+    """Stages whose outputs this one reads (the DAG's edges, the step's input hashes)."""
+    gpu: bool
+    """Asks for a GPU when steps run in containers or pods."""
+    timeout_hours: float
+    """The step's time limit (Airflow's ``execution_timeout``)."""
+    progress: bool
+    """Draws a progress bar of its own long loop (tqdm) when asked to."""
+    command: tuple[str, ...]
+    """The ``hfi`` command that runs the stage alone (``hfi feedback ingest``)."""
+    batch: bool = False
+    """Part of a labelling batch: the feedback-collection DAG runs these stages."""
+    needed: Callable[[RunConfig], bool] = lambda cfg: True
+    """Whether a run with this config needs the stage; one that does not is marked done, empty."""
+
+
+STAGES: dict[str, Stage] = {
+    s.name: s
+    for s in (
+        Stage("generate", stage_generate, (), gpu=True, timeout_hours=2, progress=True, command=("generate",),
+              batch=True),
+        Stage("publish", stage_publish, ("generate",), gpu=False, timeout_hours=0.25, progress=False,
+              command=("feedback", "export"), batch=True),
+        Stage("feedback", stage_feedback, ("generate",), gpu=False, timeout_hours=0.5, progress=False,
+              command=("feedback", "ingest")),
+        Stage("reward", stage_reward, ("generate", "feedback"), gpu=False, timeout_hours=1, progress=False,
+              command=("reward", "train")),
+        # Text-only removal (distill.use_token: false) needs no token.
+        Stage("invert", stage_invert, ("generate", "reward"), gpu=True, timeout_hours=2, progress=True,
+              command=("invert",), needed=lambda cfg: cfg.distill.use_token),
+        Stage("distill", stage_distill, ("invert",), gpu=True, timeout_hours=6, progress=True, command=("distill",)),
+        Stage("evaluate", stage_evaluate, ("generate", "distill"), gpu=True, timeout_hours=2, progress=False,
+              command=("evaluate",)),
+        Stage("register", stage_register, ("evaluate", "distill"), gpu=False, timeout_hours=0.25, progress=False,
+              command=("register",)),
+    )
+}  # fmt: skip
+
+
+def stage(name: str) -> Stage:
+    """The table's row for ``name``; a ValueError listing the stages otherwise."""
+    if name not in STAGES:
+        raise ValueError(f"unknown stage {name!r}; stages: {list(STAGES)}")
+    return STAGES[name]
+
+
+def upstream_closure(names: list[str] | tuple[str, ...]) -> list[str]:
+    """``names`` and every stage they read from, transitively, in table order."""
+    want: set[str] = set()
+    todo = list(names)
+    while todo:
+        n = todo.pop()
+        if n not in want:
+            want.add(n)
+            todo += stage(n).upstream
+    return [n for n in STAGES if n in want]
+
+
+def stage_table() -> list[dict[str, Any]]:
+    """The table as plain data (``dags/hfi_stages.json``): what the DAGs need, without importing this."""
+    return [{"name": s.name, "upstream": list(s.upstream), "gpu": s.gpu, "timeout_hours": s.timeout_hours,
+             "progress": s.progress, "batch": s.batch} for s in STAGES.values()]  # fmt: skip

@@ -1,18 +1,19 @@
 """One pipeline step as a transaction against the run store, recorded in MLflow.
 
-``run_step(stage, ...)``:
+``run_step(name, ...)``, for a stage of ``stages.STAGES``:
 
 1. hashes its inputs: the run config and the output hashes in its upstream stages' markers
    (an upstream stage without a marker has not finished: the step refuses to start);
 2. if its own ``_SUCCESS`` marker lists the same input hashes, returns at once (a retry after
    success, or a re-run of an unchanged night, does nothing);
-3. pulls the upstream folders into a scratch run folder, runs the stage function there;
-4. records a child MLflow run (metrics, images, plots, the model card), pushes the outputs,
-   and writes the marker *last*.
+3. pulls the upstream folders into a scratch run folder and, with tracking, opens the step's
+   child MLflow run (under one parent per pipeline run);
+4. runs the stage function there; records metrics, images, plots and the model card in the
+   child run; pushes the outputs, and writes the marker *last*.
 
-A step killed anywhere before 4 leaves no marker; its retry starts from a clean stage folder and,
-every stage being seeded, produces the same outputs. The same function runs in-process, in a
-container (``hfi step``) or in a pod.
+A step killed anywhere before 4 ends leaves no marker; its retry starts from a clean stage folder
+and, every stage being seeded, produces the same outputs. The same function runs in-process
+(``hfi run``, the benchmark), in a container (``hfi step``) or in a pod.
 """
 
 from __future__ import annotations
@@ -20,23 +21,15 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import asdict, dataclass, field
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hfi_core.config import RunConfig
-from hfi_core.store import Store, tree_hashes
+from hfi_core.config import RunConfig, config_hash
+from hfi_core.stages import STAGES, StageContext, stage
+from hfi_core.store import LocalStore, Store, tree_hashes
 
-DEPENDS: dict[str, tuple[str, ...]] = {
-    "generate": (),
-    "publish": ("generate",),
-    "feedback": ("generate",),
-    "reward": ("generate", "feedback"),
-    "invert": ("generate", "reward"),
-    "distill": ("invert",),
-    "evaluate": ("generate", "distill"),
-    "register": ("evaluate", "distill"),
-}
 ARTIFACT_SUFFIXES = (".png", ".md", ".json", ".xml")
 
 
@@ -58,81 +51,126 @@ def _join(prefix: str, name: str) -> str:
     return f"{prefix.rstrip('/')}/{name}" if prefix else name
 
 
-def config_hash(cfg: RunConfig) -> str:
-    return hashlib.sha256(json.dumps(asdict(cfg), sort_keys=True, default=str).encode()).hexdigest()
-
-
-def step_inputs(stage: str, cfg: RunConfig, store: Store, run_prefix: str) -> dict[str, str]:
+def step_inputs(name: str, cfg: RunConfig, store: Store, run_prefix: str) -> dict[str, str]:
     """The input hashes a marker must match: the config's and each upstream stage's outputs'."""
     inputs = {"config": config_hash(cfg)}
-    for dep in DEPENDS[stage]:
+    for dep in stage(name).upstream:
         marker = store.success(_join(run_prefix, dep))
         if marker is None:
             raise RuntimeError(
-                f"step {stage}: upstream stage {dep!r} has not finished ({store.uri(_join(run_prefix, dep))})"
+                f"step {name}: upstream stage {dep!r} has not finished ({store.uri(_join(run_prefix, dep))})"
             )
         inputs[dep] = hashlib.sha256(json.dumps(marker["outputs"], sort_keys=True).encode()).hexdigest()
     return inputs
 
 
-def _call_stage(stage: str, cfg: RunConfig, run: Path) -> dict[str, Any]:
-    from hfi_core import stages
-
-    if stage == "register":
-        return {}  # registration happens in run_step, where the MLflow run is
-    fn = getattr(stages, f"stage_{stage}")
-    kwargs = {"show_progress": False} if stage in ("generate", "invert", "distill") else {}
-    return fn(cfg, run, **kwargs)
-
-
 def run_step(
-    stage: str,
+    name: str,
     cfg: RunConfig,
     store: Store,
     run_prefix: str,
     scratch: Path,
     tracking: TrackingContext | None = None,
+    *,
+    show_progress: bool = False,
+    resume: bool = False,
 ) -> dict[str, Any]:
-    """Run ``stage`` of the run at ``store/run_prefix`` (see the module docstring)."""
-    if stage not in DEPENDS:
-        raise ValueError(f"unknown step {stage!r}; steps: {list(DEPENDS)}")
-    prefix = _join(run_prefix, stage)
-    inputs = step_inputs(stage, cfg, store, run_prefix)
+    """Run stage ``name`` of the run at ``store/run_prefix`` (see the module docstring).
+
+    Args:
+        scratch: the local run folder the stage computes in (the store's own folder for a local
+            store, so nothing is copied).
+        show_progress: progress bars, for stages whose table row says they draw one.
+        resume: ``distill`` continues from its checkpoint in ``scratch``.
+    """
+    st = stage(name)
+    prefix = _join(run_prefix, name)
+    inputs = step_inputs(name, cfg, store, run_prefix)
     marker = store.success(prefix)
     if marker is not None and marker["inputs"] == inputs:
-        return {"skipped": True, "reason": "a _SUCCESS marker with the same input hashes exists", "stage": stage}
+        return {"skipped": True, "reason": "a _SUCCESS marker with the same input hashes exists", "stage": name}
 
     scratch = Path(scratch)
-    for dep in DEPENDS[stage]:
+    if not st.needed(cfg):
+        (scratch / name).mkdir(parents=True, exist_ok=True)
+        store.mark_success(prefix, inputs, {})
+        return {"skipped": True, "reason": "this config does not need the stage", "stage": name}
+    for dep in st.upstream:
         if not (scratch / dep).exists():
             store.download_dir(_join(run_prefix, dep), scratch / dep)
-    shutil.rmtree(scratch / stage, ignore_errors=True)  # a retry starts clean
-    result = _call_stage(stage, cfg, scratch)
-    (scratch / stage).mkdir(parents=True, exist_ok=True)
+    if not resume:
+        shutil.rmtree(scratch / name, ignore_errors=True)  # a retry starts clean
 
-    child = None
+    tracker = child = None
     if tracking is not None:
-        from hfi_core.tracking import Tracker, promotion_gates
+        from hfi_core.tracking import Tracker
 
         tracker = Tracker(tracking.tracking_uri, tracking.experiment, artifact_location=tracking.artifact_location)
-        parent = tracker.parent(tracking.run_key, f"{cfg.name} {tracking.run_key}", asdict(cfg), tracking.tags)
-        child = tracker.child(parent, stage, {**tracking.tags, "hfi.store": store.uri(prefix)})
-        tracker.log_metrics(child, result)
-        for f in sorted((scratch / stage).rglob("*")):
-            if f.suffix in ARTIFACT_SUFFIXES and f.stat().st_size < 5 * 2**20 and f.parent.name != "raw":
-                tracker.client.log_artifact(
-                    child, str(f), f"{stage}/{f.parent.relative_to(scratch / stage)}".rstrip("/.")
-                )
-        if stage == "register":
-            summary = json.loads((scratch / "evaluate" / "summary.json").read_text())
-            p = cfg.promotion
-            gates = promotion_gates(summary, p.max_concept_rate, p.max_preservation_drop, p.concept_metric)
-            tracker.log_artifacts(child, scratch / "distill", "model")
-            version = tracker.register(child, p.model_name or f"hfi-{cfg.concept.name}", "model", gates)
-            result = {"version": version, "champion": gates.passed, "gates": gates.checks}
-            (scratch / stage / "registration.json").write_text(json.dumps(result, indent=2))
+        parent = tracker.parent(
+            tracking.run_key, f"{cfg.name} {tracking.run_key}", cfg.model_dump(mode="json"), tracking.tags
+        )
+        child = tracker.child(parent, name, {**tracking.tags, "hfi.store": store.uri(prefix)})
+    ctx = StageContext(show_progress=show_progress and st.progress, resume=resume, tracker=tracker, mlflow_run=child)
+    try:
+        result = st.run(cfg, scratch, ctx)
+        (scratch / name).mkdir(parents=True, exist_ok=True)
+        if tracker is not None and child is not None:
+            tracker.log_metrics(child, result)
+            for f in sorted((scratch / name).rglob("*")):
+                if f.suffix in ARTIFACT_SUFFIXES and f.stat().st_size < 5 * 2**20 and f.parent.name != "raw":
+                    tracker.log_file(child, f, f"{name}/{f.parent.relative_to(scratch / name)}".rstrip("/."))
+    except BaseException:
+        if tracker is not None and child is not None:
+            tracker.finish(child, ok=False)
+        raise
+    if tracker is not None and child is not None:
         tracker.finish(child)
 
-    store.upload_dir(scratch / stage, prefix)
-    store.mark_success(prefix, inputs, tree_hashes(scratch / stage), mlflow_run_id=child)
+    store.upload_dir(scratch / name, prefix)
+    store.mark_success(prefix, inputs, tree_hashes(scratch / name), mlflow_run_id=child)
     return result
+
+
+def run_local_step(
+    name: str,
+    cfg: RunConfig,
+    run: Path,
+    *,
+    show_progress: bool = True,
+    resume: bool = False,
+    tracking: TrackingContext | None = None,
+) -> dict[str, Any]:
+    """``run_step`` against the local run folder ``run``, computing in place."""
+    run = Path(run).resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    store = LocalStore(str(run.parent))
+    return run_step(name, cfg, store, run.name, run, tracking, show_progress=show_progress, resume=resume)
+
+
+def run_local(
+    cfg: RunConfig,
+    run: Path,
+    *,
+    stages: list[str] | tuple[str, ...] | None = None,
+    show_progress: bool = True,
+    tracking: TrackingContext | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
+    """The stages of the table in order (all, or ``stages``), each as a ``run_step`` against the
+    local folder ``run``: a stage whose marker matches its inputs is not run again.
+
+    Returns each stage's result and its seconds (``<stage>_seconds``), also written to
+    ``run/run.json``.
+    """
+    run = Path(run).resolve()
+    results: dict[str, Any] = {}
+    for name in STAGES:
+        if stages is not None and name not in stages:
+            continue
+        t0 = time.time()
+        if log:
+            log(f"stage {name} ...")
+        results[name] = run_local_step(name, cfg, run, show_progress=show_progress, tracking=tracking)
+        results[f"{name}_seconds"] = round(time.time() - t0, 1)
+        (run / "run.json").write_text(json.dumps(results, indent=2, default=str))
+    return results

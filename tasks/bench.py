@@ -20,8 +20,8 @@ from tasks.common import add_runtime_args, setup_runtime
 DEFAULT_CONFIG = Path(__file__).parents[1] / "benchmarks" / "removal.yaml"
 
 
-def register(groups: argparse._SubParsersAction) -> None:
-    g = groups.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True, metavar="BENCH")
+def register(top: argparse._SubParsersAction) -> None:
+    g = top.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True, metavar="BENCH")
     p = g.add_parser("removal", help="every removal method on the toy world, judged by the oracle")
     p.add_argument("--out", type=Path, required=True, help="output folder (results.md, results.json, grid.png)")
     p.add_argument("--quick", action="store_true", help="smoke run: fewer images and steps (about 10 min)")
@@ -38,7 +38,7 @@ def register(groups: argparse._SubParsersAction) -> None:
 
 def _removal(args: argparse.Namespace) -> int:
     setup_runtime(args)
-    from hfi_core.bench import load_bench_config, run_removal_bench
+    from benchmarks.removal import load_bench_config, run_removal_bench
     from hfi_core.tracking import Tracker
 
     bench, cfg = load_bench_config(args.config)

@@ -9,21 +9,34 @@ import sys
 # transformers announces at import that torchvision is absent and it uses PIL: true, and noise.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tasks import bench, dags, feedback, generate, pipeline, reward, step, toyworld
+from tasks import bench, dags, feedback, pipeline, reward, stages, step, toyworld
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hfi", description=__doc__)
+    top = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
+    made: dict[str, argparse._SubParsersAction] = {}
+
+    def group(name: str, help: str = "") -> argparse._SubParsersAction:
+        """The subcommands of ``hfi <name>``, made on first use."""
+        if name not in made:
+            p = top.add_parser(name, help=help)
+            made[name] = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+        return made[name]
+
+    toyworld.register(top)
+    feedback.register(group)  # the groups' own commands first: they name the groups
+    reward.register(group)
+    stages.register(group, top)
+    pipeline.register(top)
+    step.register(top)
+    dags.register(top)
+    bench.register(top)
+    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="hfi", description=__doc__)
-    groups = parser.add_subparsers(dest="group", required=True, metavar="GROUP")
-    toyworld.register(groups)
-    generate.register(groups)
-    feedback.register(groups)
-    reward.register(groups)
-    pipeline.register(groups)
-    step.register(groups)
-    dags.register(groups)
-    bench.register(groups)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
     except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback

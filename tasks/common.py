@@ -27,3 +27,33 @@ def setup_runtime(args: argparse.Namespace) -> None:
     tlogging.disable_progress_bar()
     dlogging.set_verbosity_error()
     dlogging.disable_progress_bar()
+
+
+def add_config_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """``--config`` and the one way to override its fields, ``--set KEY=VALUE`` (repeatable)."""
+    parser.add_argument("--config", required=required, help="run config YAML")
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE",
+        help="override a config field, e.g. --set distill.lr=1e-5 --set 'feedback.files=[a.json]' (YAML value)",
+    )  # fmt: skip
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """``["distill.lr=1e-5", "distill.method=esd"]`` -> ``{"distill.lr": 1e-05, ...}`` (values as
+    YAML 1.2 reads them: ``1e-5`` is a float)."""
+    from hfi_core.config import read_yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. distill.lr=1e-5")
+        out[key.strip()] = read_yaml(value)
+    return out
+
+
+def load_run_config(path: str | os.PathLike, overrides: list[str], extra: dict | None = None):
+    """The validated run config with ``--set`` overrides (and ``extra`` ones) applied."""
+    from hfi_core.config import load_config
+
+    return load_config(path, {**parse_overrides(overrides), **(extra or {})})

@@ -13,14 +13,14 @@ import os
 import tempfile
 from pathlib import Path
 
-from tasks.common import add_runtime_args, setup_runtime
+from tasks.common import add_runtime_args, load_run_config, setup_runtime
 
 
-def register(groups: argparse._SubParsersAction) -> None:
-    from hfi_core.steps import DEPENDS
+def register(top: argparse._SubParsersAction) -> None:
+    from hfi_core.stages import STAGES
 
-    p = groups.add_parser("step", help="run one pipeline step against a run store (local path or s3://)")
-    p.add_argument("stage", choices=list(DEPENDS))
+    p = top.add_parser("step", help="run one pipeline step against a run store (local path or s3://)")
+    p.add_argument("stage", choices=list(STAGES))
     p.add_argument("--config", required=True, help="run config: a path, or a URI in the store (s3://.../config.yaml)")
     p.add_argument(
         "--run-uri", required=True, help="the run's folder: /data/runs/2026-11-28 or s3://bucket/runs/2026-11-28"
@@ -35,6 +35,10 @@ def register(groups: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field (YAML value)"
     )
+    p.add_argument(
+        "--params-json", default="{}", metavar="JSON",
+        help="overrides as one JSON object of dotted keys (the DAG's Params; null keeps the YAML's value)",
+    )  # fmt: skip
     p.add_argument("--run-key", help="unique key of the pipeline run, for its MLflow parent (default: the run URI)")
     add_runtime_args(p)
     p.set_defaults(func=run)
@@ -52,22 +56,19 @@ def _context() -> dict[str, str]:
     return {tag: os.environ[var] for tag, var in env.items() if os.environ.get(var)}
 
 
-def parse_overrides(items: list[str]) -> dict:
-    """``["distill.lr=1e-5", "distill.method=esd"]`` -> ``{"distill.lr": 1e-05, ...}`` (values as YAML)."""
-    import yaml
-
-    out = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise ValueError(f"--set {item!r}: expected KEY=VALUE, e.g. distill.lr=1e-5")
-        out[key.strip()] = yaml.safe_load(value)
-    return out
+def params_overrides(text: str) -> dict:
+    """The DAG's ``--params-json``: set Params as overrides (JSON keeps ``1e-05`` a float)."""
+    try:
+        params = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"--params-json: not JSON: {e}") from None
+    if not isinstance(params, dict):
+        raise ValueError(f"--params-json: expected a JSON object of dotted keys, got {type(params).__name__}")
+    return {k: v for k, v in params.items() if v is not None}
 
 
 def run(args: argparse.Namespace) -> int:
     setup_runtime(args)
-    from hfi_core.config import load_config
     from hfi_core.steps import TrackingContext, run_step
     from hfi_core.store import S3Settings, Store
 
@@ -80,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
             bucket_root, _, key = args.config.rpartition("/")
             config_path = Path(tmp) / key
             Store.open(bucket_root, s3).download_file(key, config_path)
-        cfg = load_config(config_path, parse_overrides(args.set))
+        cfg = load_run_config(config_path, args.set, params_overrides(args.params_json))
         scratch = args.scratch or (Path(args.run_uri) if not args.run_uri.startswith("s3://") else Path(tmp) / "run")
         tracking = None
         if args.tracking_uri:

@@ -12,8 +12,8 @@ import yaml
 from tasks.common import add_runtime_args, setup_runtime
 
 
-def register(groups: argparse._SubParsersAction) -> None:
-    p = groups.add_parser("toyworld", help="the tiny Stable Diffusion world the project tests on")
+def register(top: argparse._SubParsersAction) -> None:
+    p = top.add_parser("toyworld", help="the tiny Stable Diffusion world the project tests on")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     b = sub.add_parser("build", help="train the world from scratch (about 75 min on 2 CPU cores)")

@@ -17,13 +17,14 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from torch import nn
+
+from hfi_core.config import DistillConfig
 
 
 def ddim_scheduler(pipe: StableDiffusionPipeline, steps: int) -> DDIMScheduler:
@@ -100,7 +101,7 @@ class Rollouts:
     partial trajectory each step, the concept prompt cycling with the step, as published.
     """
 
-    def __init__(self, s: Setup, cfg: Any) -> None:
+    def __init__(self, s: Setup, cfg: DistillConfig) -> None:
         self.s, self.cfg = s, cfg
         self.reuse: int = cfg.rollout_reuse
         self.states: list[tuple[torch.Tensor, torch.Tensor]] = []  # the current rollout's (x_t, t)
@@ -207,7 +208,10 @@ class Setup:
 
 
 def prepare(
-    pipe: StableDiffusionPipeline, cfg: Any, concept_prompts: list[str], anchor: UNet2DConditionModel | None = None
+    pipe: StableDiffusionPipeline,
+    cfg: DistillConfig,
+    concept_prompts: list[str],
+    anchor: UNet2DConditionModel | None = None,
 ) -> Setup:
     """Freeze all but the trainable parameters, build AdamW, DDIM, prompt embeddings and RNGs.
 
@@ -215,11 +219,11 @@ def prepare(
     (``anchor``, or a new copy made here, before anything trains).
     """
     unet = pipe.unet
-    preserve = getattr(cfg, "preserve_prompts", None)
+    preserve = cfg.preserve_prompts
     if preserve and anchor is None:
         anchor = copy.deepcopy(unet).eval().requires_grad_(False)
     unet.train()
-    trainable = select_trainable(unet, cfg.trainable, getattr(cfg, "lora_rank", 4))
+    trainable = select_trainable(unet, cfg.trainable, cfg.lora_rank)
     size = unet.config.sample_size
     return Setup(
         trainable=trainable,

@@ -17,7 +17,8 @@ import pandas as pd
 from hfi_core.config import SimulateConfig
 from hfi_core.feedback.labelstudio import CONTROL, IMAGE, RANKER, binary_tasks, ranking_tasks
 from hfi_core.images import load_images
-from hfi_core.toyworld.oracle import ATTRIBUTES, Oracle
+from hfi_core.models import load_oracle
+from hfi_core.toyworld.oracle import ATTRIBUTES
 
 _T0 = datetime(2026, 1, 1, tzinfo=UTC)  # fixed, so the same run writes the same export
 
@@ -29,7 +30,7 @@ def concept_scores(manifest: pd.DataFrame, image_root: Path, cfg: SimulateConfig
         raise ValueError(
             f"feedback.simulate.value: {cfg.value!r} is not one of the oracle's {cfg.attribute}s {classes}"
         )
-    oracle = Oracle.from_pretrained(cfg.oracle).eval()
+    oracle = load_oracle(cfg.oracle)
     images = load_images(manifest, image_root)  # (N, H, W, 3) uint8
     return oracle.judge(images)[cfg.attribute][:, classes.index(cfg.value)]
 

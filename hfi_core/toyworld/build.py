@@ -19,21 +19,23 @@ import math
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, StableDiffusionPipeline, UNet2DConditionModel
+from pydantic import Field, model_validator
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTextModel, CLIPTokenizer
 
-from hfi_core.config import ConfigError, from_dict
+from hfi_core.config import Section, parse
+from hfi_core.toyworld.check import heldout_accuracies, sample_grid
 from hfi_core.toyworld.manifest import file_manifest
 from hfi_core.toyworld.models import (
     CLIP_MEAN,
     CLIP_STD,
+    images_to_tensor,
     make_clip,
     make_clip_processor,
     make_noise_scheduler,
@@ -41,6 +43,7 @@ from hfi_core.toyworld.models import (
     make_text_encoder,
     make_unet,
     make_vae,
+    vae_roundtrip,
 )
 from hfi_core.toyworld.oracle import ATTRIBUTES, Oracle
 from hfi_core.toyworld.render import (
@@ -56,8 +59,7 @@ from hfi_core.toyworld.render import (
 from hfi_core.toyworld.tokenizer import build_tokenizer
 
 
-@dataclass
-class BuildConfig:
+class BuildConfig(Section):
     """How the toy world is trained. The defaults are the committed world's."""
 
     seed: int = 0
@@ -78,7 +80,8 @@ class BuildConfig:
     unet_lr: float = 1e-3
     text_lr: float = 2e-3
     """Higher than the UNet's: a text encoder trained from scratch was the slow learner."""
-    unet_channels: tuple[int, int, int] = (48, 96, 96)
+    unet_channels: tuple[int, int, int] = Field((48, 96, 96), strict=False)
+    """UNet block widths (a YAML list is fine)."""
     warmup_steps: int = 200
     ema_decay: float = 0.999
     """EMA of UNet and text encoder weights; the EMA weights are what is saved."""
@@ -95,29 +98,20 @@ class BuildConfig:
     sample_guidance: float = 5.0
     sample_steps: int = 20
 
+    @model_validator(mode="after")
+    def _no_negative_numbers(self) -> BuildConfig:
+        for name, v in self:
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
+                raise ValueError(f"BuildConfig.{name}: must be >= 0, got {v}")
+        return self
+
     @classmethod
     def from_dict(cls, values: dict) -> BuildConfig:
         """Validate and build from a plain dict (e.g. parsed YAML); unknown keys are errors."""
-        cfg = from_dict(cls, values, "BuildConfig")
-        for f in fields(cls):
-            v = getattr(cfg, f.name)
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and v < 0:
-                raise ConfigError(f"BuildConfig.{f.name}: must be >= 0, got {v}")
-        return cfg
+        return parse(cls, values, "BuildConfig")
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def images_to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float in [-1, 1], (N, 3, H, W): the VAE's and UNet's range."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def tensor_to_images(x: torch.Tensor) -> np.ndarray:
-    """float in [-1, 1], (N, 3, H, W) -> uint8 (N, H, W, 3)."""
-    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
 
 
 def clip_normalize(x01: torch.Tensor) -> torch.Tensor:
@@ -193,13 +187,6 @@ def train_vae(cfg: BuildConfig, images: torch.Tensor, log: Callable[[str, int, f
         z = torch.cat([vae.encode(images[i : i + 256]).latent_dist.mean for i in range(0, min(len(images), 2048), 256)])
     vae.register_to_config(scaling_factor=float(1.0 / z.std()))
     return vae.eval()
-
-
-@torch.no_grad()
-def vae_roundtrip(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
-    """Encode (posterior mean) and decode images in [-1, 1]; same shape out."""
-    out = [vae.decode(vae.encode(images[i : i + batch]).latent_dist.mean).sample for i in range(0, len(images), batch)]
-    return torch.cat(out).clamp(-1, 1)
 
 
 def _caption_table(tokenizer: CLIPTokenizer) -> tuple[dict[tuple[str, str, str], torch.Tensor], torch.Tensor]:
@@ -407,7 +394,6 @@ def build_world(out: Path, cfg: BuildConfig | None = None) -> dict:
 
     Stages already finished under ``out/.work`` are loaded, not retrained.
     """
-    from hfi_core.toyworld.check import heldout_accuracies, sample_grid  # check imports build's helpers
 
     cfg = cfg or BuildConfig()
     out = Path(out)
@@ -486,7 +472,7 @@ def build_world(out: Path, cfg: BuildConfig | None = None) -> dict:
 
     heldout = sample_scenes(cfg.n_heldout, cfg.seed + 1000)
     report = {
-        "config": asdict(cfg),
+        "config": cfg.model_dump(mode="json"),
         "seconds": times,
         "final_losses": {k: v[-1][1] for k, v in history.items() if v},
         "params": {

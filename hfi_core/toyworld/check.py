@@ -15,10 +15,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, StableDiffusionPipeline
-from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPProcessor
 
 from hfi_core.embeddings import image_embeddings, text_embeddings
+from hfi_core.sampling import sample as draw
+from hfi_core.toyworld.models import images_to_tensor, tensor_to_images, vae_roundtrip
 from hfi_core.toyworld.oracle import ATTRIBUTES, Oracle
 from hfi_core.toyworld.render import (
     COLORS,
@@ -74,22 +75,11 @@ def sample(
     *,
     guidance: float = 5.0,
     steps: int = 20,
-    batch_size: int = 64,
     desc: str | None = None,
 ) -> np.ndarray:
-    """One image per (prompt, seed); uint8 (N, H, W, 3). Image i depends only on its own seed."""
-    out = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=desc is None, dynamic_ncols=True):
-        gens = [torch.Generator().manual_seed(s) for s in seeds[i : i + batch_size]]
-        images = pipe(
-            prompts[i : i + batch_size],
-            generator=gens,
-            guidance_scale=guidance,
-            num_inference_steps=steps,
-            output_type="np",
-        ).images  # (B, H, W, 3) float in [0, 1]
-        out.append(np.round(images * 255).astype(np.uint8))
-    return np.concatenate(out)
+    """One image per (prompt, seed); uint8 (N, H, W, 3): the pipeline's own sampling loop
+    (``hfi_core.sampling``) at the check's settings."""
+    return draw(pipe, prompts, seeds, steps=steps, guidance=guidance, desc=desc)
 
 
 def _group_stats(oracle: Oracle, images: np.ndarray, colors: list[str], shapes: list[str]) -> dict[str, float]:
@@ -103,8 +93,6 @@ def _group_stats(oracle: Oracle, images: np.ndarray, colors: list[str], shapes: 
 @torch.no_grad()
 def heldout_accuracies(world: Path, scenes: list[Scene]) -> dict[str, float]:
     """Oracle accuracy on renders and on their VAE reconstructions; CLIP zero-shot on renders."""
-    from hfi_core.toyworld.build import images_to_tensor, tensor_to_images, vae_roundtrip
-
     world = Path(world)
     oracle = Oracle.from_pretrained(world / "oracle").eval()
     vae = AutoencoderKL.from_pretrained(world / "sd" / "vae").eval()

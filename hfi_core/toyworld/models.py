@@ -6,6 +6,8 @@ downstream (``from_pretrained``, textual inversion, SDD, SLD) treats it like SD 
 
 from __future__ import annotations
 
+import numpy as np
+import torch
 from diffusers import AutoencoderKL, DDPMScheduler, PNDMScheduler, UNet2DConditionModel
 from transformers import (
     CLIPConfig,
@@ -124,3 +126,24 @@ def make_clip_processor(tokenizer: CLIPTokenizer) -> CLIPProcessor:
         image_std=list(CLIP_STD),
     )
     return CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer)
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, H, W, 3) -> float in [-1, 1], (N, 3, H, W): the VAE's and UNet's range."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def tensor_to_images(x: torch.Tensor) -> np.ndarray:
+    """float in [-1, 1], (N, 3, H, W) -> uint8 (N, H, W, 3)."""
+    x = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+@torch.no_grad()
+def vae_roundtrip(vae: AutoencoderKL, images: torch.Tensor, batch: int = 256) -> torch.Tensor:
+    """Encode (posterior mean) and decode images in [-1, 1]; same shape out."""
+    out = [vae.decode(vae.encode(images[i : i + batch]).latent_dist.mean).sample for i in range(0, len(images), batch)]
+    return torch.cat(out).clamp(-1, 1)

@@ -26,13 +26,27 @@ def test_every_dag_file_imports_without_errors(bag):
     assert set(bag.dag_ids) == {"hfi_concept_removal", "hfi_feedback_collection"}
 
 
-def test_the_removal_dag_chains_every_step_in_order(bag):
+def test_the_dags_tasks_and_edges_are_the_stage_tables(bag):
+    from hfi_core.stages import STAGES
+
     dag = bag.dags["hfi_concept_removal"]
-    order = ["generate", "publish", "feedback", "reward", "invert", "distill", "evaluate", "register"]
-    assert [t.task_id for t in dag.topological_sort()] == order
-    for a, b in zip(order, order[1:], strict=False):
-        assert dag.get_task(b).upstream_task_ids == {a}
+    assert {t.task_id for t in dag.tasks} == set(STAGES)
+    for name, st in STAGES.items():
+        task = dag.get_task(name)
+        assert task.upstream_task_ids == set(st.upstream), name
+        assert task.execution_timeout.total_seconds() == st.timeout_hours * 3600, name
+    batch = bag.dags["hfi_feedback_collection"]
+    assert {t.task_id for t in batch.tasks} == {n for n, st in STAGES.items() if st.batch}
+    for task in batch.tasks:
+        assert task.upstream_task_ids == set(STAGES[task.task_id].upstream) & {t.task_id for t in batch.tasks}
     assert "hfi" in dag.tags and dag.catchup is False and dag.max_active_runs == 1
+
+
+def test_the_exported_stage_table_and_params_are_current():
+    from tasks.dags import params_json, stages_json
+
+    assert (DAGS / "hfi_stages.json").read_text() == stages_json(), "run `hfi dags export`"
+    assert (DAGS / "hfi_params.json").read_text() == params_json(), "run `hfi dags export`"
 
 
 def test_every_task_retries_with_backoff_has_a_timeout_and_a_failure_callback(bag):
@@ -47,32 +61,66 @@ def test_the_schedule_is_nightly_or_a_new_feedback_batch(bag):
     assert "0 2 * * *" in repr(schedule) and "hfi_feedback_batch" in repr(schedule)
 
 
-def test_params_are_the_config_schema_and_the_committed_file_is_current(bag):
+def test_params_are_the_config_schema_with_its_types_enums_and_ranges(bag):
     from tasks.dags import params_json
 
-    assert (DAGS / "hfi_params.json").read_text() == params_json(), "run `hfi dags params`"
     params = bag.dags["hfi_concept_removal"].params
     fields = json.loads(params_json())
     assert {f["key"] for f in fields} | {"config", "run_root", "run_name"} == set(params.keys())
     assert params["distill.lr"] is None  # unset Params keep the YAML's value
-    assert "AdamW learning rate" in params.get_param("distill.lr").description
+    lr = params.get_param("distill.lr")
+    assert "AdamW learning rate" in lr.description and lr.schema["exclusiveMinimum"] == 0
+    assert params.get_param("distill.method").schema["enum"] == ["sdd", "esd", None]
+    assert params.get_param("distill.steps").schema["minimum"] == 1
 
 
-def test_a_step_command_passes_only_the_params_that_are_set(bag):
-    from jinja2 import Environment
+def _rendered_argv(bag, stage: str, conf: dict) -> list[str]:
+    """The task's argv as Airflow renders it for a run with ``conf``."""
+    dag = bag.dags["hfi_concept_removal"]
+    task = dag.get_task(stage)
+    params = {k: None for k in dag.params.keys()} | {"config": "c.yaml", "run_root": "/r", "run_name": None} | conf
+    context = {"params": params, "run_id": "scheduled__2026-11-28T02:00:00+00:00", "dag": dag, "task": task}
+    return task.render_template(task.op_args, context)
 
-    task = bag.dags["hfi_concept_removal"].get_task("distill")
-    params = {k: None for k in bag.dags["hfi_concept_removal"].params.keys()}
-    params |= {"config": "c.yaml", "run_root": "s3://b/runs", "distill.lr": 0.0002, "distill.method": "esd"}
-    cmd = (
-        Environment()
-        .from_string(task.bash_command)
-        .render(params=params, run_id="scheduled__2026-11-28T02:00:00+00:00")
-    )
-    assert cmd == (
-        'hfi step distill --config "c.yaml" --run-uri "s3://b/runs/scheduled__2026-11-28T0200000000"'
-        " '--set=distill.method=\"esd\"' '--set=distill.lr=0.0002'"
-    )
+
+def test_a_step_is_one_argv_with_the_set_params_and_nothing_spliced_into_a_shell(bag):
+    argv = _rendered_argv(bag, "distill", {"distill.lr": 0.0002, "distill.method": "esd", "run_name": '$(id)"; id'})
+    assert argv[:5] == ["hfi", "step", "distill", "--config", "c.yaml"]
+    assert argv[5:7] == ["--run-uri", '/r/$(id)"; id']  # one argument, never read by a shell
+    assert argv[7] == "--params-json"
+    overrides = {k: v for k, v in json.loads(argv[8]).items() if v is not None}
+    assert overrides == {"distill.lr": 0.0002, "distill.method": "esd"}
+    assert len(argv) == 9
+    assert _rendered_argv(bag, "distill", {})[6] == "/r/scheduled__2026-11-28T0200000000"
+
+
+def test_a_param_of_1e_5_arrives_as_the_float_1e_05_in_the_steps_config(bag, tmp_path):
+    from tasks.cli import build_parser
+    from tasks.common import load_run_config
+    from tasks.step import params_overrides
+
+    config = tmp_path / "c.yaml"
+    config.write_text((DAGS.parent / "configs" / "toyworld-striped.yaml").read_text())
+    argv = _rendered_argv(bag, "distill", {"config": str(config), "distill.lr": 1e-5, "reward.weight_decay": 2e-05})
+    args = build_parser().parse_args(argv[1:])  # what `hfi step` parses
+    cfg = load_run_config(args.config, args.set, params_overrides(args.params_json))
+    assert type(cfg.distill.lr) is float and cfg.distill.lr == 1e-05
+    assert cfg.reward.weight_decay == 2e-05 and repr(cfg.reward.weight_decay) == "2e-05"
+
+
+def test_dags_test_with_an_out_of_range_param_is_refused_before_any_task_runs(tmp_path):
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": "0"}  # fmt: skip
+    airflow = Path(sys.executable).with_name("airflow")
+    subprocess.run([str(airflow), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    runs = tmp_path / "runs"
+    for bad, why in (({"distill.lr": -1}, "distill.lr"), ({"distill.method": "xyz"}, "distill.method")):
+        conf = {"config": str(DAGS.parent / "configs" / "toyworld-striped.yaml"), "run_root": str(runs), **bad}
+        result = subprocess.run([str(airflow), "dags", "test", "hfi_concept_removal", "--conf", json.dumps(conf)],
+                                env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+        out = result.stdout + result.stderr
+        assert result.returncode != 0 and f"Invalid input for param {why}" in out, out[-3000:]
+        assert not runs.exists()  # no step started: nothing was written
 
 
 def test_dag_files_import_nothing_heavy_at_parse_time():
@@ -122,7 +170,7 @@ print(json.dumps(out))
 
 def test_one_setting_switches_steps_to_docker_or_kubernetes_with_gpus_only_where_asked():
     local = _operators("local", "all")
-    assert {v["class"] for v in local.values()} == {"BashOperator"}
+    assert {v["class"] for v in local.values()} == {"PythonOperator"}
 
     docker = _operators("docker", "all")
     assert {v["class"] for v in docker.values()} == {"DockerOperator"}

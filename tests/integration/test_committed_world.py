@@ -7,9 +7,9 @@ import pytest
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPModel, CLIPProcessor
 
-from hfi_core.toyworld.build import images_to_tensor, tensor_to_images, vae_roundtrip
 from hfi_core.toyworld.check import clip_zero_shot_style, load_pipeline, sample
 from hfi_core.toyworld.manifest import verify_manifest
+from hfi_core.toyworld.models import images_to_tensor, tensor_to_images, vae_roundtrip
 from hfi_core.toyworld.oracle import Oracle
 from hfi_core.toyworld.render import render_many, sample_scenes
 from tasks.cli import main as hfi

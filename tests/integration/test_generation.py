@@ -1,10 +1,12 @@
 """Generation on the committed toy world: reproducible bytes, stable seeds, resumable."""
 
+import json
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pandas as pd
 import yaml
@@ -12,6 +14,7 @@ import yaml
 from hfi_core.config import load_config
 from hfi_core.generation import generate
 from hfi_core.images import MANIFEST_COLUMNS, read_manifest
+from hfi_core.steps import run_local_step
 from tasks.cli import main as hfi
 
 
@@ -60,11 +63,11 @@ def test_adding_a_prompt_leaves_every_existing_image_unchanged(world, tmp_path):
 def test_a_run_killed_part_way_resumes_and_ends_identical_to_an_unbroken_run(world, tmp_path):
     prompts = [*P, "a green triangle like a barcode", "a red square with polka dots"]  # 12 images, 6 batches
     path = _config(tmp_path, world, prompts, steps=20, batch_size=2)
-    out = tmp_path / "killed"
+    run = tmp_path / "killed"
+    out = run / "generate"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "tasks.cli", "generate", "--config", str(path), "--out", str(out), "--quiet"], env=env
-    )
+    proc = subprocess.Popen([sys.executable, "-m", "tasks.cli", "generate", "--config", str(path), "--run", str(run)],
+                            env=env, stderr=subprocess.DEVNULL)  # fmt: skip
     journal = out / ".journal.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
@@ -76,21 +79,28 @@ def test_a_run_killed_part_way_resumes_and_ends_identical_to_an_unbroken_run(wor
     assert proc.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (out / "manifest.parquet").exists()
     done_before = len(journal.read_text().splitlines())
-    resumed = generate(load_config(path), out, show_progress=False)
-    assert resumed.reused >= 4 and resumed.reused == done_before - done_before % 2
-    assert resumed.generated == 12 - resumed.reused
+    resumed = run_local_step(
+        "generate", load_config(path), run, resume=True, show_progress=False
+    )  # hfi generate --resume
+    assert resumed["reused"] >= 4 and resumed["reused"] == done_before - done_before % 2
+    assert resumed["generated"] == 12 - resumed["reused"]
     unbroken = generate(load_config(path), tmp_path / "unbroken", show_progress=False)
-    a, b = read_manifest(resumed.manifest), read_manifest(unbroken.manifest)
+    a, b = read_manifest(Path(resumed["manifest"])), read_manifest(unbroken.manifest)
     assert a.equals(b) and _images(out, a) == _images(tmp_path / "unbroken", b)
     assert not journal.exists()
 
 
-def test_generate_cli_reports_images_per_group(world, tmp_path, capsys):
+def test_generate_cli_runs_the_stage_as_a_step_and_a_second_call_does_nothing(world, tmp_path, capsys):
     path = _config(tmp_path, world, P[:1])
-    assert hfi(["generate", "--config", str(path), "--out", str(tmp_path / "o"), "--quiet"]) == 0
-    out = capsys.readouterr().out
-    assert "3 images in" in out and "target:explicit    3" in out and "generated 3, reused 0" in out
-    assert len(pd.read_parquet(tmp_path / "o" / "manifest.parquet")) == 3
+    assert hfi(["generate", "--config", str(path), "--run", str(tmp_path / "run")]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["generated"] == 3 and result["reused"] == 0
+    assert len(pd.read_parquet(tmp_path / "run" / "generate" / "manifest.parquet")) == 3
+    assert (tmp_path / "run" / "generate" / "_SUCCESS").exists()
+    assert hfi(["generate", "--config", str(path), "--run", str(tmp_path / "run")]) == 0
+    assert json.loads(capsys.readouterr().out)["skipped"] is True  # same config, same inputs
+    assert hfi(["generate", "--config", str(path), "--run", str(tmp_path / "run"), "--set", "generation.steps=3"]) == 0
+    assert json.loads(capsys.readouterr().out)["generated"] == 3  # another setting: drawn again
 
 
 def test_sld_at_generation_changes_the_images_and_is_recorded(world, tmp_path):

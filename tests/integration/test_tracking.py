@@ -3,7 +3,8 @@
 import pytest
 from mlflow.tracking import MlflowClient
 
-from hfi_core.tracking import CHAMPION, Tracker, flatten, promotion_gates
+from hfi_core.promotion import promotion_gates
+from hfi_core.tracking import CHAMPION, Tracker, flatten
 
 
 @pytest.fixture

@@ -1,7 +1,6 @@
 """The maths of inversion, SDD and ESD, pinned on a tiny random Stable Diffusion pipeline."""
 
 import copy
-from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -188,7 +187,7 @@ def test_rollouts_serve_reuse_steps_each_with_one_prompt_per_rollout(pipe, reuse
 def test_checkpoints_must_fall_on_rollout_boundaries():
     with pytest.raises(ConfigError, match="checkpoint_every: 100 must be a multiple of rollout_reuse"):
         DistillConfig(rollout_reuse=3)
-    with pytest.raises(ConfigError, match="rollout_reuse: 0 must be >= 1"):
+    with pytest.raises(ConfigError, match="rollout_reuse: must be >= 1, got 0"):
         DistillConfig(rollout_reuse=0, checkpoint_every=0)
     assert DistillConfig(rollout_reuse=4, checkpoint_every=200).rollout_reuse == 4
 
@@ -235,7 +234,9 @@ def test_inversion_norm_cap_keeps_v_within_the_largest_word_norm_and_only_when_a
     cfg = InvertConfig(token="<hfi-striped>", templates=["a {}"], steps=5, batch_size=2, lr=0.5)
     free, _ = invert(copy.deepcopy(base_pipe), latents, np.ones(6), cfg, "stripe", show_progress=False)
     assert free.norm().item() > 1.5 * words  # a large lr grows an unconstrained v* past every word
-    capped, _ = invert(pipe, latents, np.ones(6), replace(cfg, max_norm=1.5), "stripe", show_progress=False)
+    capped, _ = invert(
+        pipe, latents, np.ones(6), cfg.model_copy(update={"max_norm": 1.5}), "stripe", show_progress=False
+    )
     assert capped.norm().item() == pytest.approx(1.5 * words, rel=1e-4)
 
 
@@ -246,7 +247,7 @@ def test_training_killed_at_step_k_and_resumed_ends_with_the_same_weights(base_p
     cfg = DistillConfig(steps=4, lr=1e-3, sampler_steps=6, checkpoint_every=2, rollout_reuse=reuse)
     prompts = ["a red circle in the style of van stripe", "a blue square with a zebra pattern"]
     straight, names, _ = train(copy.deepcopy(base_pipe), cfg, prompts, tmp_path / "a", show_progress=False)
-    cfg_killed = replace(cfg, steps=2)  # stops after step 2's checkpoint
+    cfg_killed = cfg.model_copy(update={"steps": 2})  # stops after step 2's checkpoint
     train(copy.deepcopy(base_pipe), cfg_killed, prompts, tmp_path / "b", show_progress=False)
     resumed, _, losses = train(copy.deepcopy(base_pipe), cfg, prompts, tmp_path / "b", resume=True, show_progress=False)
     assert len(losses) == 2  # only steps 3 and 4 ran again

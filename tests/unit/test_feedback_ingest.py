@@ -165,15 +165,21 @@ def test_a_bad_file_among_good_ones_writes_nothing(manifest, tmp_path):
 
 
 def test_cli_prints_one_line_and_exits_2_on_bad_input(tmp_path, capsys, manifest):
-    m = tmp_path / "manifest.parquet"
+    from hfi_core.store import LocalStore
+
+    run = tmp_path / "run"
+    (run / "generate").mkdir(parents=True)
     full = manifest.assign(
         sha256="0", prompt="p", group="target", index=0, seed=0, model="m", scheduler="s", steps=1, guidance=1.0,
         negative_prompt=None, sld=None, width=32, height=32,
     )  # fmt: skip
-    full.to_parquet(m)
+    full.to_parquet(run / "generate" / "manifest.parquet")
+    LocalStore(str(tmp_path)).mark_success("run/generate", {}, {"manifest.parquet": "0" * 64})  # generate finished
+    config = tmp_path / "run.yaml"
+    config.write_text("name: x\nconcept: {name: c}\nmodel: {path: m}\nprompts: [{group: target, prompts: [p]}]\n")
     bad = _bad(tmp_path, "bad.json", "[{")
-    code = hfi(["feedback", "ingest", "--manifest", str(m), "--source", str(bad), "--out", str(tmp_path / "fb")])
+    code = hfi(["feedback", "ingest", "--config", str(config), "--run", str(run), "--source", str(bad)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and err.count("\n") == 0 and err.startswith(f"hfi: error: {bad}: invalid JSON")
-    assert not (tmp_path / "fb").exists()
+    assert not (run / "feedback").exists()
     shutil.rmtree(tmp_path / "in")

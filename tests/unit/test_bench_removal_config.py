@@ -1,13 +1,12 @@
 """`hfi bench removal`'s settings and its report, without training anything."""
 
-import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from hfi_core.bench import METHODS, load_bench_config, method_config, per_prompt, quick_config, results_table
+from benchmarks.removal import METHODS, load_bench_config, method_config, per_prompt, quick_config, results_table
 from hfi_core.config import ConfigError
 from hfi_core.evaluation import eval_plan
 
@@ -41,7 +40,7 @@ def test_methods_of_one_family_share_every_hyperparameter_but_the_token():
         a = method_config(cfg, bench, by_name[text], quick=False).distill
         b = method_config(cfg, bench, by_name[hfi], quick=False).distill
         assert a.use_token is False and b.use_token is True
-        assert {**vars(a), "use_token": None} == {**vars(b), "use_token": None}
+        assert {**a.model_dump(), "use_token": None} == {**b.model_dump(), "use_token": None}
     assert method_config(cfg, bench, by_name["sdd"], quick=False).distill.method == "sdd"
     assert method_config(cfg, bench, by_name["esd-x"], quick=False).distill.method == "esd"
     assert method_config(cfg, bench, by_name["sdd"], quick=True).distill.steps == bench.quick.distill_steps
@@ -88,18 +87,20 @@ def test_the_results_table_has_one_row_per_method_and_every_column():
     assert f"{row['striped[explicit]']:.3f}" in rows[0]
 
 
-def test_resume_reuses_a_training_only_when_its_saved_settings_match(tmp_path):
-    from dataclasses import asdict, replace
-
-    from hfi_core.bench import _finished_training
+def test_resume_reuses_a_training_step_only_when_its_settings_and_token_match(tmp_path):
+    """The bench's trainings are pipeline steps: the one resume rule is the marker's input hashes."""
+    from hfi_core.steps import step_inputs
+    from hfi_core.store import LocalStore
 
     bench, cfg = load_bench_config(BENCH)
     mcfg = method_config(cfg, bench, next(m for m in METHODS if m.name == "hfi+sdd"), quick=False)
-    folder = tmp_path / "distill"
-    (folder / "unet").mkdir(parents=True)
-    (folder / "metrics.json").write_text('{"seconds": 12.5}')
-    assert _finished_training(folder, mcfg) is None  # no card: never finished
-    (folder / "card.json").write_text(json.dumps({"hyperparameters": asdict(mcfg.distill)}))
-    assert _finished_training(folder, mcfg) == {"seconds": 12.5}
-    changed = replace(mcfg, distill=replace(mcfg.distill, steps=mcfg.distill.steps + 1))
-    assert _finished_training(folder, changed) is None  # a changed setting trains again
+    store = LocalStore(str(tmp_path))
+    with pytest.raises(RuntimeError, match="upstream stage 'invert' has not finished"):
+        step_inputs("distill", mcfg, store, "m")
+    store.mark_success("m/invert", {}, {"learned_embeds.safetensors": "a" * 64})
+    inputs = step_inputs("distill", mcfg, store, "m")
+    assert step_inputs("distill", mcfg.model_copy(), store, "m") == inputs  # same settings: reused
+    longer = mcfg.model_copy(update={"distill": mcfg.distill.model_copy(update={"steps": mcfg.distill.steps + 1})})
+    assert step_inputs("distill", longer, store, "m")["config"] != inputs["config"]  # a changed setting trains again
+    store.mark_success("m/invert", {}, {"learned_embeds.safetensors": "b" * 64})
+    assert step_inputs("distill", mcfg, store, "m")["invert"] != inputs["invert"]  # another token trains again

@@ -1,6 +1,7 @@
-"""The paper's comparison on the toy world: every removal method through the pipeline's own code.
+"""``hfi bench removal``: the paper's comparison on the toy world, through the pipeline's own code.
 
-One upstream run (generate, simulated feedback, reward model, HFI token: ``stages.py``), then
+One upstream run (the stages the HFI token needs: generate, simulated feedback, reward model,
+token), then
 
     sd, negative prompt, SLD medium/max          inference-time, nothing trains
     ESD-x and SDD on the text concept             ``distill.use_token: false``
@@ -9,6 +10,11 @@ One upstream run (generate, simulated feedback, reward model, HFI token: ``stage
 each evaluated by ``evaluation.evaluate`` on the same evaluation seeds, which are never the
 validation seeds the hyperparameters were chosen on (both are recorded). Methods of one family
 (ESD-x / HFI+ESD-x, SDD / HFI+SDD) share one ``DistillConfig``: only the prompts differ.
+
+The upstream stages and every training run as the pipeline's steps do (``steps.run_step``): a
+training is the ``distill`` step of a method's own run folder, whose upstream stages are the
+shared upstream run's. So there is one resume rule, the ``_SUCCESS`` markers' input hashes:
+``--resume`` reuses exactly the steps whose config and inputs did not change.
 
 The upstream run, trainings and evaluations run in a pool of ``jobs`` processes, one torch
 thread each, a fresh process per task so that its peak memory is its own; the inference-time
@@ -19,20 +25,23 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
-import yaml
+from pydantic import Field, model_validator
 
-from hfi_core.config import ConfigError, DistillConfig, RunConfig, from_dict
+from hfi_core.config import DistillConfig, RunConfig, Section, load_config, load_yaml_file, parse
+from hfi_core.stages import STAGES, upstream_closure
 
 Family = Literal["sdd", "esd"]
-UPSTREAM = ("generate", "publish", "feedback", "reward", "invert")  # the stages every method shares
+TRAINING = "distill"  # the stage a method trains in
+UPSTREAM = tuple(upstream_closure(STAGES[TRAINING].upstream))  # the stages every method shares
 
 
 @dataclass(frozen=True)
@@ -60,22 +69,20 @@ METHODS = (
 )
 
 
-@dataclass
-class QuickConfig:
+class QuickConfig(Section):
     """What ``--quick`` shrinks: a smoke run, not a measurement."""
 
-    n_per_group: int = 32
+    n_per_group: int = Field(32, ge=1)
     """Evaluation images per prompt group."""
-    images_per_prompt: int = 4
+    images_per_prompt: int = Field(4, ge=1)
     """Upstream images per prompt (feedback, reward, token)."""
-    invert_steps: int = 100
+    invert_steps: int = Field(100, ge=1)
     """Token training steps."""
-    distill_steps: int = 150
+    distill_steps: int = Field(150, ge=1)
     """Training steps of every removal method."""
 
 
-@dataclass
-class BenchConfig:
+class BenchConfig(Section):
     """``benchmarks/removal.yaml``: the comparison's settings, validated on load."""
 
     config: str
@@ -86,33 +93,35 @@ class BenchConfig:
     """Hyperparameters of SDD and HFI+SDD (``use_token`` is set per method)."""
     esd: DistillConfig
     """Hyperparameters of ESD-x and HFI+ESD-x."""
-    eval_seed: int = 3_000_000
+    eval_seed: int = Field(3_000_000, ge=0)
     """First evaluation seed; every method draws the same seeds."""
-    validation_seed: int = 2_000_000
+    validation_seed: int = Field(2_000_000, ge=0)
     """First seed of the validation set the hyperparameters were chosen on (recorded, never evaluated here)."""
-    n_per_group: int = 128
+    n_per_group: int = Field(128, ge=1)
     """Evaluation images per prompt group, at least (rounded up to whole prompts)."""
-    quick: QuickConfig = field(default_factory=QuickConfig)
+    quick: QuickConfig = QuickConfig()
     """Settings of ``--quick``."""
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> BenchConfig:
         if self.eval_seed == self.validation_seed:
-            raise ConfigError("eval_seed: must differ from validation_seed (no tuning on the evaluation seeds)")
+            raise ValueError("eval_seed: must differ from validation_seed (no tuning on the evaluation seeds)")
         if self.sdd.method != "sdd" or self.esd.method != "esd":
-            raise ConfigError("sdd.method / esd.method: the families are 'sdd' and 'esd'")
+            raise ValueError("sdd.method / esd.method: the families are 'sdd' and 'esd'")
+        return self
 
 
 def load_bench_config(path: str | Path) -> tuple[BenchConfig, RunConfig]:
-    """Read ``benchmarks/removal.yaml`` and the run config it names."""
-    from hfi_core.config import load_config
+    """Read ``benchmarks/removal.yaml`` and the run config it names.
+
+    Raises:
+        ConfigError: naming the file and the key.
+    """
+    from hfi_core.config import ConfigError
 
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read YAML: {e}") from None
-    try:
-        bench = from_dict(BenchConfig, data)
+        bench = parse(BenchConfig, load_yaml_file(path))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     return bench, load_config(path.parent / bench.config)
@@ -125,17 +134,23 @@ def per_prompt(cfg: RunConfig, n_per_group: int) -> int:
 
 def method_config(cfg: RunConfig, bench: BenchConfig, m: Method, quick: bool) -> RunConfig:
     """The run config a method trains with: its family's hyperparameters, token or text."""
-    dc = bench.sdd if m.family == "sdd" else bench.esd
-    dc = replace(dc, use_token=m.token)
+    dc = (bench.sdd if m.family == "sdd" else bench.esd).model_copy(update={"use_token": m.token})
     if quick:
-        dc = replace(dc, steps=bench.quick.distill_steps, checkpoint_every=0)
-    return replace(cfg, distill=dc)
+        dc = dc.model_copy(update={"steps": bench.quick.distill_steps, "checkpoint_every": 0})
+    return cfg.model_copy(update={"distill": dc})
 
 
 def quick_config(cfg: RunConfig, bench: BenchConfig) -> RunConfig:
     """The upstream run shrunk for ``--quick``."""
-    prompts = [replace(ps, images_per_prompt=bench.quick.images_per_prompt) for ps in cfg.prompts]
-    return replace(cfg, prompts=prompts, invert=replace(cfg.invert, steps=bench.quick.invert_steps))
+    prompts = [ps.model_copy(update={"images_per_prompt": bench.quick.images_per_prompt}) for ps in cfg.prompts]
+    invert = cfg.invert.model_copy(update={"steps": bench.quick.invert_steps})
+    return cfg.model_copy(update={"prompts": prompts, "invert": invert})
+
+
+def eval_config(cfg: RunConfig, n_per_prompt: int, seed: int) -> RunConfig:
+    """The run config with the benchmark's evaluation plan."""
+    return cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"n_per_prompt": n_per_prompt,
+                                                                               "seed": seed})})  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- pool workers
@@ -144,35 +159,47 @@ def quick_config(cfg: RunConfig, bench: BenchConfig) -> RunConfig:
 def _upstream(cfg: RunConfig, run: Path, threads: int) -> dict[str, Any]:
     import torch
 
-    from hfi_core.stages import run_all
+    from hfi_core.steps import run_local
 
     torch.set_num_threads(threads)
-    return run_all(cfg, run, show_progress=False, stages=UPSTREAM)
+    return run_local(cfg, run, stages=UPSTREAM, show_progress=False)
 
 
-def _train(cfg: RunConfig, run: Path, out: Path, threads: int) -> dict[str, Any]:
+def _train(cfg: RunConfig, run: Path, threads: int) -> dict[str, Any]:
+    """The method's training step; its metrics, also when the step was reused (``--resume``)."""
     import torch
 
-    from hfi_core.stages import stage_distill
+    from hfi_core.steps import run_local_step
 
     torch.set_num_threads(threads)
-    return stage_distill(cfg, run, out=out, show_progress=False)
+    result = run_local_step(TRAINING, cfg, run, show_progress=False)
+    metrics = json.loads((run / TRAINING / "metrics.json").read_text())
+    return {**metrics, "reused": bool(result.get("skipped"))}
 
 
-def _evaluate(cfg: RunConfig, variant: Any, out: Path, n_per_prompt: int, seed: int, threads: int) -> dict[str, Any]:
+def _evaluate(cfg: RunConfig, variant: Any, out: Path, threads: int) -> dict[str, Any]:
     import torch
 
     from hfi_core.evaluation import evaluate
 
     torch.set_num_threads(threads)
     t0 = time.time()
-    metrics, images = evaluate(
-        cfg, variant, out, n_per_prompt=n_per_prompt, seed=seed, clip_path=cfg.evaluate.clip or None,
-        oracle_dir=cfg.evaluate.oracle or None,
-    )  # fmt: skip
+    metrics, images = evaluate(cfg, variant, out)
     np.save(out / "images.npy", images)
     metrics["seconds"] = round(time.time() - t0, 1)
     return metrics
+
+
+def method_run(out: Path, name: str, upstream: Path) -> Path:
+    """A method's run folder, ``methods/<name>/``: the shared upstream stages linked in, its own
+    training beside them."""
+    run = method_dir(out, name)
+    run.mkdir(parents=True, exist_ok=True)
+    for stage in UPSTREAM:
+        link = run / stage
+        if not link.exists():
+            link.symlink_to(Path("..", "..", upstream.name, stage))
+    return run
 
 
 # ----------------------------------------------------------------------------- the benchmark
@@ -194,10 +221,9 @@ def run_removal_bench(
     """Run the comparison into ``out``: results.json, results.md, grid.png, one folder per method.
 
     Args:
-        resume: reuse what an earlier bench in ``out`` finished: its upstream run, and every
-            training whose saved hyperparameters equal this run's (evaluations always run again).
-            It does not check the upstream settings (prompts, feedback, inversion): after
-            changing those, start in a fresh ``out``.
+        resume: keep what an earlier bench in ``out`` finished and reuse every step (upstream
+            stage or training) whose ``_SUCCESS`` marker matches its config and inputs; without
+            it, the upstream run and the trainings start from scratch. Evaluations always run.
         tracker: a ``tracking.Tracker`` for a parent run and one child per method, or None.
         log: where progress lines go.
         provenance: how the run was made (command, commit), written into the results.
@@ -209,18 +235,21 @@ def run_removal_bench(
     out = Path(out)
     run = out / "run"
     t_start = time.time()
+    if not resume:
+        shutil.rmtree(run, ignore_errors=True)
+        shutil.rmtree(out / "methods", ignore_errors=True)
     if quick:
         cfg = quick_config(cfg, bench)
     n_group = bench.quick.n_per_group if quick else bench.n_per_group
     n_prompt = per_prompt(cfg, n_group)
+    ecfg = eval_config(cfg, n_prompt, bench.eval_seed)
     # The HFI methods need the token whatever the run config's own distill section says.
-    upstream_cfg = replace(cfg, distill=replace(cfg.distill, use_token=True))
-    upstream, reused = _finished_upstream(run) if resume else None, []
-    if upstream is not None:
-        reused.append("upstream run")
+    upstream_cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"use_token": True})})
+    upstream: dict[str, Any] = {}
+    reused: list[str] = []
 
     def variant(m: Method) -> Variant:
-        unet = str(method_dir(out, m.name) / "distill" / "unet") if m.family else None
+        unet = str(method_dir(out, m.name) / TRAINING / "unet") if m.family else None
         return Variant(m.name, unet=unet, inference=m.inference, negative_prompt=bench.text_concept,  # type: ignore[arg-type]
                        safety_concept=bench.text_concept)  # fmt: skip
 
@@ -228,45 +257,31 @@ def run_removal_bench(
     # trainings (they need its token), then the evaluations. The inference-time methods need
     # nothing upstream, so they fill the second worker while the upstream run holds the first.
     Task = tuple[int, str, Method | None]  # (priority: lower runs first, kind, method)
-    ready: list[Task] = [] if upstream is not None else [(0, "upstream", None)]
+    ready: list[Task] = [(0, "upstream", None)]
     ready += [(2, "evaluate", m) for m in METHODS if not m.family]
+    ready += [(1, "train", m) for m in METHODS if m.family]  # held back until the upstream run is done
     trained: dict[str, dict[str, Any]] = {}
     evaluated: dict[str, dict[str, Any]] = {}
 
-    def upstream_done() -> None:
-        log("upstream: " + ", ".join(f"{n} {upstream[f'{n}_seconds']} s" for n in UPSTREAM))
-        for m in METHODS:  # the trainings, or what --resume can reuse of them
-            if not m.family:
-                continue
-            mcfg = method_config(cfg, bench, m, quick)
-            if resume and (done := _finished_training(method_dir(out, m.name) / "distill", mcfg)):
-                trained[m.name] = done
-                reused.append(f"{m.name} training")
-                log(f"reused the training of {m.name} ({done['seconds']} s when it ran)")
-                ready.append((2, "evaluate", m))
-            else:
-                ready.append((1, "train", m))
-
-    if upstream is not None:
-        upstream_done()
     ctx = get_context("spawn")  # fresh interpreters: no torch state shared with the parent
     with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
         pending: dict[Future, Task] = {}
         while ready or pending:
             ready.sort(key=lambda task: task[0])  # stable: METHODS order within a priority
-            while ready and len(pending) < jobs:
-                task = ready.pop(0)
+            runnable = [t for t in ready if t[1] != "train" or upstream]
+            while runnable and len(pending) < jobs:
+                task = runnable.pop(0)
+                ready.remove(task)
                 _, kind, m = task
                 if kind == "upstream":
                     fut = pool.submit(_upstream, upstream_cfg, run, threads)
                 elif kind == "train":
                     assert m is not None
-                    fut = pool.submit(_train, method_config(cfg, bench, m, quick), run,
-                                      method_dir(out, m.name) / "distill", threads)  # fmt: skip
+                    fut = pool.submit(_train, method_config(cfg, bench, m, quick), method_run(out, m.name, run),
+                                      threads)  # fmt: skip
                 else:
                     assert m is not None
-                    fut = pool.submit(_evaluate, cfg, variant(m), method_dir(out, m.name) / "evaluate", n_prompt,
-                                      bench.eval_seed, threads)  # fmt: skip
+                    fut = pool.submit(_evaluate, ecfg, variant(m), method_dir(out, m.name) / "evaluate", threads)
                 pending[fut] = task
             done, _ = wait(pending, return_when=FIRST_COMPLETED)
             for fut in done:
@@ -274,17 +289,21 @@ def run_removal_bench(
                 result = fut.result()
                 if kind == "upstream":
                     upstream = result
-                    upstream_done()
+                    skipped = [n for n in UPSTREAM if result[n].get("skipped")]
+                    reused += [f"upstream {n}" for n in skipped]
+                    log("upstream: " + ", ".join(f"{n} {result[f'{n}_seconds']} s" for n in UPSTREAM)
+                        + (f" (reused: {', '.join(skipped)})" if skipped else ""))  # fmt: skip
                 elif kind == "train":
                     assert m is not None
                     trained[m.name] = result
-                    log(f"trained {m.name}: {result['seconds']} s")
+                    if result["reused"]:
+                        reused.append(f"{m.name} training")
+                    log(f"trained {m.name}: {result['seconds']} s" + (" (reused)" if result["reused"] else ""))
                     ready.append((2, "evaluate", m))
                 else:
                     assert m is not None
                     evaluated[m.name] = result
                     log(f"evaluated {m.name}: {result['seconds']} s")
-    assert upstream is not None
 
     images = {m.name: np.load(method_dir(out, m.name) / "evaluate" / "images.npy") for m in METHODS}
     results = _collect(cfg, bench, images, trained, evaluated, upstream, quick=quick, n_prompt=n_prompt)
@@ -298,23 +317,6 @@ def run_removal_bench(
     if tracker is not None:
         _track(tracker, out, results)
     return results
-
-
-def _finished_upstream(run: Path) -> dict[str, Any] | None:
-    """The upstream results of an earlier bench in ``run``, when it finished every upstream stage."""
-    file = run / "run.json"
-    done = json.loads(file.read_text()) if file.exists() else {}
-    return done if all(f"{n}_seconds" in done for n in UPSTREAM) else None
-
-
-def _finished_training(folder: Path, cfg: RunConfig) -> dict[str, Any] | None:
-    """The metrics of an earlier training in ``folder`` (a method's ``distill/``), when it finished
-    with exactly the hyperparameters of ``cfg.distill``; None otherwise (train again)."""
-    card, metrics = folder / "card.json", folder / "metrics.json"
-    if not (card.exists() and metrics.exists() and (folder / "unet").is_dir()):
-        return None
-    same = json.loads(card.read_text())["hyperparameters"] == json.loads(json.dumps(asdict(cfg.distill)))
-    return json.loads(metrics.read_text()) if same else None
 
 
 def method_dir(out: Path, name: str) -> Path:
@@ -367,9 +369,10 @@ def _collect(cfg: RunConfig, bench: BenchConfig, images: dict[str, np.ndarray], 
             "images_per_group": {ps.group: len(ps.prompts) * n_prompt for ps in cfg.prompts},
             "text_concept": bench.text_concept,
             "families": {
-                f: asdict(method_config(cfg, bench, Method(f, family=f), quick).distill) for f in ("sdd", "esd")
+                f: method_config(cfg, bench, Method(f, family=f), quick).distill.model_dump(mode="json")
+                for f in ("sdd", "esd")
             },
-            "generation": asdict(cfg.generation),
+            "generation": cfg.generation.model_dump(mode="json"),
             "token": cfg.invert.token,
         },
         "upstream": upstream,
