@@ -1,6 +1,7 @@
 """Issue #3's bar: the shipped toy-world config, 3 simulated annotators at 10% noise, about 500
-images, through the same commands people run; the reward model's held-out AUC against the
-oracle's truth must be >= 0.95."""
+images, through the same stage commands people run (`hfi generate`, `hfi feedback export /
+simulate / ingest`, `hfi reward train`); the reward model's held-out AUC against the oracle's
+truth must be >= 0.95."""
 
 import json
 import shutil
@@ -9,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from hfi_core.images import load_images
 from hfi_core.metrics import roc_auc
@@ -28,23 +28,23 @@ def ok(*args: object) -> None:
 @pytest.fixture(scope="module")
 def run(tmp_path_factory, world):
     root = tmp_path_factory.mktemp("run")
-    ok("generate", "--config", CONFIG, "--out", str(root / "generate"), "--quiet")
-    m = str(root / "generate" / "manifest.parquet")
-    ok("feedback", "export", "--manifest", m, "--config", CONFIG, "--out", str(root / "ls" / "tasks.json"))
-    ok("feedback", "simulate", "--manifest", m, "--config", CONFIG, "--out", str(root / "ls" / "export.json"))
-    src = str(root / "ls" / "export.json")
-    ok("feedback", "ingest", "--manifest", m, "--config", CONFIG, "--source", src, "--out", str(root / "feedback"))
-    ok("reward", "train", "--manifest", m, "--config", CONFIG, "--labels", str(root / "feedback"), "--out", str(root / "reward"))  # fmt: skip
-    return root
+    run = root / "night1"
+    ok("generate", "--config", CONFIG, "--run", run)
+    ok("feedback", "export", "--config", CONFIG, "--run", run)
+    ok("feedback", "simulate", "--config", CONFIG, "--run", run, "--out", root / "ls" / "export.json")
+    ok("feedback", "ingest", "--config", CONFIG, "--run", run, "--source", root / "ls" / "export.json")
+    ok("reward", "train", "--config", CONFIG, "--run", run)
+    return run
 
 
 def test_export_writes_one_task_per_image_and_a_binary_labeling_config(run):
-    tasks = json.loads((run / "ls" / "tasks.json").read_text())
+    tasks = json.loads((run / "publish" / "tasks.json").read_text())
     manifest = pd.read_parquet(run / "generate" / "manifest.parquet")
     assert len(tasks) == len(manifest) == 540
     assert {t["data"]["image_id"] for t in tasks} == set(manifest.image_id)
-    xml = (run / "ls" / "label_config.xml").read_text()
+    xml = (run / "publish" / "label_config.xml").read_text()
     assert '<Choice value="striped"' in xml and '<Choice value="not striped"' in xml
+    assert (run / "feedback" / "raw").is_dir() and (run / "reward" / "_SUCCESS").exists()
 
 
 def test_simulated_labels_have_three_annotators_and_about_ten_percent_disagreement(run):
@@ -74,33 +74,40 @@ def test_reward_model_held_out_auc_against_the_oracles_truth_is_at_least_0_95(ru
 
 def test_retraining_with_ten_percent_new_labels_embeds_only_the_new_images(run, tmp_path):
     # A second night: 54 new images (10%) from another seed, content-addressed into the same
-    # image folder, one manifest for both nights, labels ingested into the same feedback folder.
-    cfg = yaml.safe_load(open(CONFIG))
-    cfg["generation"]["seed"] = 99
-    for k, group in enumerate(cfg["prompts"]):
-        group["images_per_prompt"] = 2 if k == 0 else 1  # 18 + 4 x 9 = 54
-    night2 = tmp_path / "night2.yaml"
-    night2.write_text(yaml.safe_dump(cfg))
-    ok("generate", "--config", str(night2), "--out", str(tmp_path / "gen"), "--quiet")
-    new = pd.read_parquet(tmp_path / "gen" / "manifest.parquet")
-    assert len(new) == 54
+    # image folder, one manifest for both nights, labels ingested beside the first night's.
+    from hfi_core.config import load_config
+    from hfi_core.feedback.ingest import IngestSettings, ingest
+    from hfi_core.feedback.labelstudio import image_urls, local_files_prefix
+    from hfi_core.feedback.simulate import simulate_export
+    from hfi_core.generation import generate
+    from hfi_core.reward import train_reward
+
+    base = load_config(CONFIG)
+    prompts = [ps.model_copy(update={"images_per_prompt": 2 if k == 0 else 1}) for k, ps in enumerate(base.prompts)]
+    night2 = base.model_copy(update={"prompts": prompts, "generation": base.generation.model_copy(update={"seed": 99})})
+    new = pd.read_parquet(generate(night2, tmp_path / "gen", show_progress=False).manifest)
+    assert len(new) == 54  # 18 + 4 x 9
     for uri in new.uri:
         shutil.copyfile(tmp_path / "gen" / uri, run / "generate" / uri)
-    both = run / "generate" / "manifest_both.parquet"
-    pd.concat([pd.read_parquet(run / "generate" / "manifest.parquet"), new], ignore_index=True).to_parquet(both)
+    both = pd.concat([pd.read_parquet(run / "generate" / "manifest.parquet"), new], ignore_index=True)
 
-    export = tmp_path / "night2_export.json"
-    ok("feedback", "simulate", "--manifest", str(tmp_path / "gen" / "manifest.parquet"), "--config", CONFIG, "--seed", "1", "--out", str(export))  # fmt: skip
-    tasks = json.loads(export.read_text())
+    fb, sim = base.feedback, base.feedback.simulate.model_copy(update={"seed": 1})
+    urls = image_urls(new.to_dict("records"), local_files_prefix(str(tmp_path / "gen")))
+    tasks = simulate_export(new, tmp_path / "gen", sim, kind=fb.kind, positive=fb.positive_choice,
+                            negative=fb.negative_choice, url_of=urls, ranking_group=fb.ranking_group)  # fmt: skip
     for t in tasks:  # a second Label Studio project: its annotation ids differ from the first's
         for a in t["annotations"]:
             a["id"] = f"night2-{a['id']}"
+    export = tmp_path / "night2_export.json"
     export.write_text(json.dumps(tasks))
-    fb = str(run / "feedback")
-    ok("feedback", "ingest", "--manifest", str(both), "--config", CONFIG, "--source", str(export), "--out", fb)
-    assert len(pd.read_parquet(run / "feedback" / "labels.parquet")) == 594
-    ok("reward", "train", "--manifest", str(both), "--config", CONFIG, "--labels", fb, "--out", str(run / "reward2"))
-    assert json.loads((run / "reward2" / "metrics.json").read_text())["embedded"] == 54
+    feedback = tmp_path / "feedback"
+    shutil.copytree(run / "feedback", feedback)  # the first night's raw exports stay in
+    settings = IngestSettings(fb.kind, fb.positive_choice, fb.negative_choice, None, fb.max_file_mb)
+    ingest(both, [export], feedback, settings)
+    assert len(pd.read_parquet(feedback / "labels.parquet")) == 594
+    metrics = train_reward(base.reward, both, run / "generate", feedback, tmp_path / "reward2",
+                           cache_dir=run / "embedding_cache")  # fmt: skip
+    assert metrics["embedded"] == 54
 
 
 def test_reward_score_ranks_striped_images_above_the_rest(run, tmp_path):
@@ -115,16 +122,19 @@ def test_reward_score_ranks_striped_images_above_the_rest(run, tmp_path):
 def test_ranking_feedback_trains_a_reward_that_ranks_held_out_images_by_the_oracles_truth(run, tmp_path):
     # The toy config ranks images across prompts (ranking_group: batch): this model draws every
     # image of one prompt alike, so rankings within a prompt would hold nothing but noise.
-    m = str(run / "generate" / "manifest.parquet")
-    export = str(tmp_path / "ranking.json")
-    ok("feedback", "simulate", "--manifest", m, "--config", CONFIG, "--kind", "ranking", "--out", export)
-    fb = str(tmp_path / "fb")
-    ok("feedback", "ingest", "--manifest", m, "--config", CONFIG, "--kind", "ranking", "--source", export, "--out", fb)
-    pairs = pd.read_parquet(tmp_path / "fb" / "pairs.parquet")
+    ranked = tmp_path / "ranked"  # another run on the same images and embedding cache
+    shutil.copytree(run / "generate", ranked / "generate")
+    shutil.copytree(run / "embedding_cache", ranked / "embedding_cache")
+    kind = ["--set", "feedback.kind=ranking"]
+    export = tmp_path / "ranking.json"
+    ok("feedback", "simulate", "--config", CONFIG, "--run", ranked, *kind, "--out", export)
+    ok("feedback", "ingest", "--config", CONFIG, "--run", ranked, *kind, "--source", export)
+    ok("reward", "train", "--config", CONFIG, "--run", ranked, *kind)
+    m = str(ranked / "generate" / "manifest.parquet")
+    cache = str(ranked / "embedding_cache")
+    out = ranked / "reward"
+    pairs = pd.read_parquet(ranked / "feedback" / "pairs.parquet")
     assert len(pairs) == 135 * 3 * 6  # 540 images in 135 tasks of 4, 3 annotators, 6 pairs each
-    out = tmp_path / "reward"
-    cache = str(run / "embedding_cache")
-    ok("reward", "train", "--manifest", m, "--config", CONFIG, "--labels", fb, "--cache", cache, "--out", str(out))
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["kind"] == "ranking" and metrics["embedded"] == 0  # every image was cached already
     table = pd.read_parquet(out / "scores.parquet")
@@ -146,7 +156,7 @@ def test_ranking_feedback_trains_a_reward_that_ranks_held_out_images_by_the_orac
     scores = pd.read_parquet(tmp_path / "s.parquet").set_index("image_id").loc[held]
     manifest = pd.read_parquet(m).set_index("image_id").loc[held].reset_index()
     oracle = Oracle.from_pretrained(default_world() / "oracle")
-    truth = np.array(oracle.predict(load_images(manifest, run / "generate"))["style"]) == "striped"
+    truth = np.array(oracle.predict(load_images(manifest, ranked / "generate"))["style"]) == "striped"
     auc = roc_auc(scores.reward.to_numpy(), truth)
     print(
         f"ranking reward: held-out AUC vs oracle truth {auc:.4f}, pair accuracy {metrics['holdout_pair_accuracy']:.3f}"
