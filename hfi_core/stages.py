@@ -1,4 +1,5 @@
-"""One function per pipeline stage: ``(config, run folder) -> outputs under the run folder``.
+"""One function per pipeline stage: ``(config, run folder, context) -> result``; outputs go
+under the run folder:
 
     run/generate/   images/ + manifest.parquet
     run/publish/    tasks.json + label_config.xml (the Label Studio import for this batch)
