@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -198,7 +199,7 @@ def method_run(out: Path, name: str, upstream: Path) -> Path:
     for stage in UPSTREAM:
         link = run / stage
         if not link.exists():
-            link.symlink_to(Path("..", "..", upstream.name, stage))
+            link.symlink_to(os.path.relpath(upstream / stage, run))  # relative: the folder can move
     return run
 
 

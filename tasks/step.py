@@ -1,4 +1,5 @@
-"""``hfi step STAGE --config C --run-uri URI``: one pipeline step, as a container or pod runs it.
+"""``hfi step STAGE --config C --run-uri URI [--params-json J] [--set K=V]``: one pipeline step, as
+the DAGs, a container or a pod run it.
 
 Reads its orchestration context from the environment (Airflow sets ``AIRFLOW_CTX_*`` in every
 task; ``MLFLOW_TRACKING_URI``, ``HFI_S3_ENDPOINT_URL``, ``HFI_IMAGE_TAG``, ``HFI_GIT_COMMIT`` come
