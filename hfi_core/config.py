@@ -572,6 +572,9 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
     fb = data.get("feedback")
     if isinstance(fb, dict) and isinstance(fb.get("files"), list):
         fb["files"] = [_relative_to(f, base, any_path=True) if isinstance(f, str) else f for f in fb["files"]]
+    sim = fb.get("simulate") if isinstance(fb, dict) else None
+    if isinstance(sim, dict) and isinstance(sim.get("oracle"), str):
+        sim["oracle"] = _relative_to(sim["oracle"], base)
     try:
         return parse(RunConfig, data)
     except ConfigError as e:

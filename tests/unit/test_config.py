@@ -153,3 +153,19 @@ def test_config_hash_of_every_shipped_config_is_the_same_from_another_checkout_f
     theirs = json.loads(hashes)
     assert theirs == {p.name: config_hash(load_config(p)) for p in CONFIGS}
     assert config_hash(load_config(CONFIGS[0], {"distill.lr": 0.123})) != theirs[CONFIGS[0].name]
+
+
+def test_relative_model_folders_and_exports_resolve_against_the_config_file(tmp_path):
+    data = {**BASE, "model": {"path": "./sd"}, "reward": {"clip": "../clip"}, "evaluate": {"oracle": "./oracle"},
+            "feedback": {"files": ["exports/a.json"], "simulate": {"oracle": "./oracle"}}}  # fmt: skip
+    (tmp_path / "cfg").mkdir()
+    path = tmp_path / "cfg" / "run.yaml"
+    path.write_text(yaml.safe_dump(data))
+    cfg = load_config(path)
+    assert cfg.model.path == str(tmp_path / "cfg" / "sd") and cfg.reward.clip == str(tmp_path / "clip")
+    assert cfg.evaluate.clip == cfg.reward.clip  # the derived default follows the resolved value
+    assert cfg.evaluate.oracle == cfg.feedback.simulate.oracle == str(tmp_path / "cfg" / "oracle")
+    assert cfg.feedback.files == [str(tmp_path / "cfg" / "exports" / "a.json")]
+    assert load_config(_write(tmp_path, {**BASE, "model": {"path": "CompVis/stable-diffusion-v1-4"}})).model.path == (
+        "CompVis/stable-diffusion-v1-4"
+    )  # a hub id is not a folder
