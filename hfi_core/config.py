@@ -455,7 +455,10 @@ def describe(e: ValidationError, cls: type[BaseModel], where: str = "") -> str:
             problems.append(f"{key(loc)}: must not be empty")
         elif kind == "value_error":
             msg = str(ctx.get("error", err["msg"]))
-            problems.append(f"{key(loc)}: {msg}" if loc else (f"{where}: {msg}" if where else msg))
+            if loc:
+                problems.append(f"{key(loc)}: {msg}")
+            else:  # a whole-model check, whose message names its own keys
+                problems.append(f"{where}: {msg}" if where and not msg.startswith(where) else msg)
         else:
             problems.append(f"{key(loc)}: {err['msg']}, got {_short(value)}")
     for parent, names in extra.items():
