@@ -98,10 +98,10 @@ def eval_plan(cfg: RunConfig, n_per_prompt: int, seed: int) -> list[tuple[str, s
     return [(g, p, seed + i) for i, (g, p) in enumerate(pairs)]
 
 
-def _oracle_metrics(oracle: str, images: np.ndarray, prompts: list[str]) -> dict[str, float]:
+def _oracle_metrics(oracle: Any, images: np.ndarray, prompts: list[str]) -> dict[str, float]:
     from hfi_core.toyworld.oracle import ATTRIBUTES
 
-    pred = load_oracle(oracle).predict(images)
+    pred = oracle.predict(images)
     out = {s: float(np.mean([p == s for p in pred["style"]])) for s in ATTRIBUTES["style"]}
     for attr in ("shape", "color"):
         expected = [next((w for w in p.split() if w in ATTRIBUTES[attr]), None) for p in prompts]
@@ -126,13 +126,13 @@ def evaluate(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    ec, g = cfg.evaluate, cfg.generation
-    pipe, kwargs = load_variant(cfg, variant, g.scheduler)
+    ec, gen = cfg.evaluate, cfg.generation
+    pipe, kwargs = load_variant(cfg, variant, gen.scheduler)
     plan = eval_plan(cfg, ec.n_per_prompt, ec.seed)
     negative = kwargs.pop("negative_prompt", None)
     images = sample(
-        pipe, [p for _, p, _ in plan], [s for _, _, s in plan], steps=g.steps, guidance=g.guidance,
-        height=g.height, width=g.width, batch_size=batch_size, negative_prompt=negative, extra=kwargs,
+        pipe, [p for _, p, _ in plan], [s for _, _, s in plan], steps=gen.steps, guidance=gen.guidance,
+        height=gen.height, width=gen.width, batch_size=batch_size, negative_prompt=negative, extra=kwargs,
     )  # fmt: skip
     clip, processor = load_clip(ec.clip)
     img_emb = image_embeddings(clip, processor, images)  # (N, D)
@@ -146,6 +146,7 @@ def evaluate(
 
         detector = NudityDetector(ec.nudenet_classes, ec.nudenet_threshold)
         nude = detector.flags(images)
+    oracle = load_oracle(ec.oracle) if ec.oracle else None  # loaded once, judges every group
     groups: dict[str, dict[str, float]] = {}
     for group in dict.fromkeys(g for g, _, _ in plan):
         idx = np.array([i for i, (g, _, _) in enumerate(plan) if g == group])
@@ -160,8 +161,8 @@ def evaluate(
             m["drift"] = float(
                 np.abs(images[idx].astype(np.float32) - base_images[idx].astype(np.float32)).mean() / 255
             )
-        if ec.oracle:
-            judged = _oracle_metrics(ec.oracle, images[idx], [plan[i][1] for i in idx])
+        if oracle is not None:
+            judged = _oracle_metrics(oracle, images[idx], [plan[i][1] for i in idx])
             m |= {f"oracle_{k}": v for k, v in judged.items()}
         groups[group] = m
     evaluators: dict[str, Any] = {
@@ -180,7 +181,7 @@ def evaluate(
     metrics = {
         "variant": asdict(variant),
         "groups": groups,
-        "settings": {"n_per_prompt": ec.n_per_prompt, "seed": ec.seed, **g.model_dump()},
+        "settings": {"n_per_prompt": ec.n_per_prompt, "seed": ec.seed, **gen.model_dump()},
         "evaluators": evaluators,
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))

@@ -83,10 +83,13 @@ def _batch(cfg: RunConfig, run: Path) -> tuple[Any, Callable[[dict], str]]:
 def simulate_feedback(cfg: RunConfig, run: Path, dest: Path) -> dict[str, Any]:
     """Toy world: the oracle plays ``feedback.simulate.annotators`` people and writes a Label
     Studio export of the generated batch to ``dest``."""
+    return _simulate(cfg, run, *_batch(cfg, run), dest)
+
+
+def _simulate(cfg: RunConfig, run: Path, manifest: Any, urls: Callable[[dict], str], dest: Path) -> dict[str, Any]:
     from hfi_core.feedback.simulate import simulate_export
 
     fb = cfg.feedback
-    manifest, urls = _batch(cfg, run)
     export = simulate_export(
         manifest, Path(run) / "generate", fb.simulate, kind=fb.kind, positive=fb.positive_choice,
         negative=fb.negative_choice, url_of=urls, ranking_group=fb.ranking_group,
@@ -104,14 +107,14 @@ def stage_feedback(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, An
     from hfi_core.feedback.ingest import IngestSettings, ingest
 
     run, fb = Path(run), cfg.feedback
+    manifest, urls = _batch(cfg, run)
     if fb.source == "simulate":
         sources = [run / "feedback" / "labelstudio" / "simulated_export.json"]
-        simulate_feedback(cfg, run, sources[0])
+        _simulate(cfg, run, manifest, urls, sources[0])
     else:
         sources = [Path(f) for f in fb.files]
         if not sources:
             raise ValueError("feedback.files: empty; list the Label Studio exports, or use feedback.source: simulate")
-    manifest, _ = _batch(cfg, run)
     settings = IngestSettings(fb.kind, fb.positive_choice, fb.negative_choice, fb.image_store, fb.max_file_mb)
     return ingest(manifest, sources, run / "feedback", settings)
 

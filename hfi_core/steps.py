@@ -138,13 +138,12 @@ def run_local_step(
     *,
     show_progress: bool = True,
     resume: bool = False,
-    tracking: TrackingContext | None = None,
 ) -> dict[str, Any]:
-    """``run_step`` against the local run folder ``run``, computing in place."""
+    """``run_step`` against the local run folder ``run``, computing in place (no MLflow)."""
     run = Path(run).resolve()
     run.mkdir(parents=True, exist_ok=True)
     store = LocalStore(str(run.parent))
-    return run_step(name, cfg, store, run.name, run, tracking, show_progress=show_progress, resume=resume)
+    return run_step(name, cfg, store, run.name, run, show_progress=show_progress, resume=resume)
 
 
 def run_local(
@@ -153,7 +152,6 @@ def run_local(
     *,
     stages: list[str] | tuple[str, ...] | None = None,
     show_progress: bool = True,
-    tracking: TrackingContext | None = None,
     log: Any = None,
 ) -> dict[str, Any]:
     """The stages of the table in order (all, or ``stages``), each as a ``run_step`` against the
@@ -170,7 +168,7 @@ def run_local(
         t0 = time.time()
         if log:
             log(f"stage {name} ...")
-        results[name] = run_local_step(name, cfg, run, show_progress=show_progress, tracking=tracking)
+        results[name] = run_local_step(name, cfg, run, show_progress=show_progress)
         results[f"{name}_seconds"] = round(time.time() - t0, 1)
         (run / "run.json").write_text(json.dumps(results, indent=2, default=str))
     return results
