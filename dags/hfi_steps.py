@@ -12,9 +12,9 @@ The pipeline's shape comes from ``hfi_stages.json`` and the Params from ``hfi_pa
 exported from the library (``hfi dags export``), so parsing a DAG imports nothing heavy: not
 torch, diffusers, mlflow, boto3, nor ``hfi_core``. The provider modules are imported only for
 the runner in use. Credentials never appear here: local steps inherit the worker's environment;
-Docker steps source an env file of the worker host (``HFI_DOCKER_ENV_FILE``, a path, mounted
-read-only; it must be readable by the image's user, uid 10001); pods mount a Kubernetes Secret
-(``HFI_K8S_SECRET``, a name).
+Docker steps read an env file of the worker host (``HFI_DOCKER_ENV_FILE``, a path, mounted
+read-only and passed as ``hfi step --env-file``; it must be readable by the image's user, uid
+10001); pods mount a Kubernetes Secret (``HFI_K8S_SECRET``, a name).
 """
 
 from __future__ import annotations
@@ -137,21 +137,20 @@ def step_task(stage: str):
         from airflow.providers.docker.operators.docker import DockerOperator
         from docker.types import DeviceRequest, Mount
 
-        # The env file is mounted read-only and sourced inside the container, so credentials go
-        # from the worker host's file to the step's environment and never through Airflow
-        # (rendered templates, XCom, logs). The shell script is a constant: the step's argv
-        # reaches it as "$@", never spliced into it.
-        env_file, mounts, script = os.environ.get("HFI_DOCKER_ENV_FILE"), [], 'exec "$@"'
+        # The env file is mounted read-only and read by the step itself (``hfi step --env-file``),
+        # so credentials go from the worker host's file to the step's environment and never
+        # through Airflow (rendered templates, XCom, logs), and no shell ever runs: the image's
+        # entrypoint is ``hfi``, the command the step's argv.
+        env_file, mounts, command = os.environ.get("HFI_DOCKER_ENV_FILE"), [], argv[1:]
         if env_file:
             # ``mounts`` is a templated field and DockerOperator reads any string ending in ".env"
             # as a template file to load; a Jinja string literal renders to the path itself.
             source = "{{ " + json.dumps(env_file) + " }}"
             mounts = [Mount(target=SECRET_ENV, source=source, type="bind", read_only=True)]
-            script = f'set -a && . {SECRET_ENV} && set +a && exec "$@"'
+            command = [*command, "--env-file", SECRET_ENV]
         return DockerOperator(
             image=IMAGE,
-            entrypoint=["/bin/sh", "-c", script, "hfi-step"],
-            command=argv,
+            command=command,
             environment=env,
             mounts=mounts,
             docker_url=os.environ.get("HFI_DOCKER_URL", "unix://var/run/docker.sock"),

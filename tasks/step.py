@@ -40,6 +40,10 @@ def register(top: argparse._SubParsersAction) -> None:
         "--params-json", default="{}", metavar="JSON",
         help="overrides as one JSON object of dotted keys (the DAG's Params; null keeps the YAML's value)",
     )  # fmt: skip
+    p.add_argument(
+        "--env-file", type=Path,
+        help="KEY=VALUE lines (credentials) to put in the step's environment before anything runs",
+    )  # fmt: skip
     p.add_argument("--run-key", help="unique key of the pipeline run, for its MLflow parent (default: the run URI)")
     add_runtime_args(p)
     p.set_defaults(func=run)
@@ -68,7 +72,32 @@ def params_overrides(text: str) -> dict:
     return {k: v for k, v in params.items() if v is not None}
 
 
+def read_env_file(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines (``export``, blank lines, ``#`` comments and one pair of surrounding
+    quotes allowed), as a container's env file holds them. Nothing is evaluated: no shell reads it.
+
+    Raises:
+        ValueError: naming the file and the line (never its value: it may be a secret).
+    """
+    out = {}
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.removeprefix("export ").partition("=")
+        key = key.strip()
+        if not sep or not key.replace("_", "a").isalnum() or key[0].isdigit():
+            raise ValueError(f"{path}: line {n}: expected KEY=VALUE with KEY made of letters, digits and _")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key] = value
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
+    if args.env_file:
+        os.environ.update(read_env_file(args.env_file))  # before boto3 or MLflow read the environment
     setup_runtime(args)
     from hfi_core.steps import TrackingContext, run_step
     from hfi_core.store import S3Settings, Store
@@ -85,6 +114,7 @@ def run(args: argparse.Namespace) -> int:
         cfg = load_run_config(config_path, args.set, params_overrides(args.params_json))
         scratch = args.scratch or (Path(args.run_uri) if not args.run_uri.startswith("s3://") else Path(tmp) / "run")
         tracking = None
+        args.tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # maybe from --env-file
         if args.tracking_uri:
             ctx = _context()
             tracking = TrackingContext(

@@ -141,7 +141,7 @@ def test_ruff_airflow_rules_are_clean():
     assert result.returncode == 0, result.stdout
 
 
-def _operators(runner: str, gpus: str) -> dict:
+def _operators(runner: str, gpus: str, env_file: str | None = None) -> dict:
     """Build the removal DAG's operators in a fresh interpreter with HFI_STEP_RUNNER=runner and
     report, per task, the class and its GPU settings."""
     code = """
@@ -154,6 +154,8 @@ for stage in hfi_steps.STAGES:
     info = {"class": type(op).__name__}
     if info["class"] == "DockerOperator":
         info["gpu"] = [r.count for r in (op.device_requests or [])]
+        info["entrypoint"], info["command"] = op.entrypoint, op.command
+        info["mounts"] = [m["Target"] for m in op.mounts]
     if info["class"] == "KubernetesPodOperator":
         res = op.container_resources
         info["gpu"] = (res.limits or {}).get("nvidia.com/gpu") if res else None
@@ -163,6 +165,9 @@ for stage in hfi_steps.STAGES:
 print(json.dumps(out))
 """
     env = {**os.environ, "HFI_STEP_RUNNER": runner, "HFI_STEP_GPUS": gpus}
+    env.pop("HFI_DOCKER_ENV_FILE", None)
+    if env_file:
+        env["HFI_DOCKER_ENV_FILE"] = env_file
     result = subprocess.run([sys.executable, "-c", code, str(DAGS)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
@@ -176,6 +181,11 @@ def test_one_setting_switches_steps_to_docker_or_kubernetes_with_gpus_only_where
     assert {v["class"] for v in docker.values()} == {"DockerOperator"}
     assert docker["distill"]["gpu"] == [-1] and docker["generate"]["gpu"] == [-1]
     assert docker["publish"]["gpu"] == [] and docker["register"]["gpu"] == []
+    assert docker["distill"]["entrypoint"] is None  # the image's own: hfi, no shell
+    assert docker["distill"]["command"][:2] == ["step", "distill"] and "--env-file" not in docker["distill"]["command"]
+    secret = _operators("docker", "all", env_file="/etc/hfi/creds")["distill"]
+    assert secret["command"][-2:] == ["--env-file", "/run/secrets/hfi-env"] and secret["entrypoint"] is None
+    assert secret["mounts"] == ["/run/secrets/hfi-env"]
     assert _operators("docker", "none")["distill"]["gpu"] == []
     assert _operators("docker", "2")["distill"]["gpu"] == [2]
 
