@@ -82,8 +82,14 @@ def params() -> dict:
     from airflow.sdk import Param
 
     out = {
+        # A scheduled or asset-triggered run has no conf: it takes the deployment's production
+        # config (HFI_CONFIG on the scheduler and workers, else the Airflow Variable hfi_config,
+        # read when the step's command is rendered). With neither, the step fails saying so.
         "config": Param(
-            "configs/toyworld-striped.yaml", type="string", description="run config YAML (path or s3:// URI)"
+            os.environ.get("HFI_CONFIG") or None,
+            type=["string", "null"],
+            description="run config YAML: an absolute path or an s3:// URI (default: $HFI_CONFIG, "
+            "else the Airflow Variable hfi_config)",
         ),
         "run_root": Param(os.environ.get("HFI_RUN_ROOT", "/tmp/hfi-runs"), type="string", description="run store root"),
         "run_name": Param(None, type=["string", "null"], description="run folder under run_root (default: the run id)"),
@@ -106,7 +112,8 @@ def step_argv(stage: str) -> list[str]:
     keys = [f["key"] for f in json.loads(PARAMS_FILE.read_text())]
     run_uri = "{{ params.run_root }}/{{ params.run_name or (run_id | replace(':', '') | replace('+', '')) }}"
     overrides = "{" + ", ".join(f"{json.dumps(k)}: {{{{ params[{json.dumps(k)}] | tojson }}}}" for k in keys) + "}"
-    return [HFI_BIN, "step", stage, "--config", "{{ params.config }}", "--run-uri", run_uri,
+    config = "{{ params.config or var.value.get('hfi_config', '') }}"
+    return [HFI_BIN, "step", stage, "--config", config, "--run-uri", run_uri,
             "--params-json", overrides]  # fmt: skip
 
 

@@ -115,6 +115,9 @@ class GenerationConfig(Section):
     """Sampler, built with ``from_config`` from the model's own scheduler config."""
     seed: int = Field(0, ge=0)
     """Base seed: each image's seed is derived from it, its prompt and its index (stable when prompts are added)."""
+    images_per_prompt: int | None = Field(None, ge=1)
+    """Images of every prompt, for all groups; ``None``: each group's own ``images_per_prompt``.
+    Raising it draws only the new images: the earlier ones come from the store's image pool."""
     batch_size: int = Field(16, ge=1)
     """Images per pipeline call."""
     height: int | None = Field(None, ge=8)
@@ -144,15 +147,33 @@ class SimulateConfig(Section):
     """...and which value of it counts as showing the concept."""
 
 
+class LabelStudioConfig(Section):
+    """The Label Studio server annotators work in. The API token is never part of a config: the
+    steps read it from ``LABEL_STUDIO_API_KEY``."""
+
+    url: str | None = None
+    """e.g. ``http://labelstudio:8080``; ``None``: publish writes the import file only."""
+    project: str = ""
+    """Project title, created once per concept; empty: ``hfi <concept>``."""
+    image_url_prefix: str | None = None
+    """What image URLs start with for the server: ``None``: its local-files serving of the run
+    store's image folder; an ``s3://`` prefix: presigned URLs of the store's images."""
+
+
 class FeedbackConfig(Section):
     """Where the human judgements come from and what they look like."""
 
     kind: Literal["binary", "ranking"] = "binary"
     """``binary``: each image shows the concept or not; ``ranking``: images of one prompt ranked."""
-    source: Literal["simulate", "files"] = "files"
-    """``files``: Label Studio / CSV / JSONL exports listed in ``files``; ``simulate``: the oracle."""
+    source: Literal["inbox", "files", "labelstudio", "simulate"] = "inbox"
+    """Where new exports come from before the concept's inbox is ingested whole: ``inbox``: only
+    what was dropped there; ``files``: also the exports listed in ``files``; ``labelstudio``: the
+    project's export, pulled through the API; ``simulate``: the toy-world oracle labels the
+    batch's images that have no label yet."""
     files: list[str] = []
-    """Export files to ingest when ``source: files``."""
+    """Export files added to the inbox when ``source: files``."""
+    labelstudio: LabelStudioConfig = LabelStudioConfig()
+    """The Label Studio server (``publish`` and ``source: labelstudio``)."""
     positive_choice: str = Field("shows the concept", min_length=1)
     """The choice text that means label 1 (others: ``negative_choice``)."""
     negative_choice: str = Field("does not show the concept", min_length=1)
@@ -529,9 +550,12 @@ def overridable_fields() -> list[dict[str, Any]]:
         cls = RunConfig.model_fields[section].annotation
         props = defs[cls.__name__]["properties"]
         for name, prop in props.items():
+            branches = [b for b in prop.get("anyOf", []) if b.get("type") != "null"]
+            if len(branches) == 1 and len(prop["anyOf"]) == 2:  # an optional scalar: X or null
+                prop = {**branches[0], "default": prop.get("default"), "description": prop.get("description")}
             kind = prop.get("type")
             if kind not in ("integer", "number", "string", "boolean"):
-                continue  # lists, optional values and nested sections stay in the YAML
+                continue  # lists and nested sections stay in the YAML
             schema = {k: prop[k] for k in ("type", "enum", "minimum", "maximum", "exclusiveMinimum",
                                           "exclusiveMaximum", "minLength") if k in prop}  # fmt: skip
             doc = " ".join((prop.get("description") or "").split())

@@ -7,9 +7,11 @@ Layout under the output folder::
     .journal.jsonl           rows of finished batches while the run is under way
 
 Reproducibility: image i's seed comes from (base seed, group, prompt, index), never from its
-position in the run, so adding prompts leaves existing images unchanged. Batches are cut from
-the full, ordered item list, and a resumed run skips finished batches whole: a batch is always
-computed with the same companions, so even CPU GEMM blocking cannot change a byte.
+position in the run, so adding prompts leaves existing images unchanged. With an ``ImagePool``
+(the store's images, shared by every night), an image id drawn on an earlier night is copied,
+not drawn again. The images left to draw are cut into batches in plan order, and a resumed run
+skips finished batches whole: a batch is always computed with the same companions, so even CPU
+GEMM blocking cannot change a byte.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from hfi_core.config import RunConfig
 from hfi_core.images import JOURNAL, MANIFEST, MANIFEST_COLUMNS, png_bytes
 from hfi_core.models import load_sd_pipeline, model_identity, sld_pipeline
 from hfi_core.sampling import sample
+from hfi_core.store import ImagePool
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class GenerationResult:
     manifest: Path
     generated: int
     reused: int
+    """Found in this folder (a resumed run) or in the image pool (an earlier night)."""
 
 
 @dataclass(frozen=True)
@@ -62,7 +66,7 @@ def plan(cfg: RunConfig, width: int, height: int) -> list[Item]:
     items = []
     for ps in cfg.prompts:
         for prompt in ps.prompts:
-            for k in range(ps.images_per_prompt):
+            for k in range(g.images_per_prompt or ps.images_per_prompt):
                 seed = int(_digest(g.seed, ps.group, prompt, k)[:8], 16) & 0x7FFFFFFF
                 image_id = "img_" + _digest(*settings, ps.group, prompt, seed)[:20]
                 items.append(Item(image_id, prompt, ps.group, k, seed))
@@ -78,11 +82,14 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def generate(cfg: RunConfig, out: Path, *, show_progress: bool = True) -> GenerationResult:
+def generate(
+    cfg: RunConfig, out: Path, *, show_progress: bool = True, pool: ImagePool | None = None
+) -> GenerationResult:
     """Generate every image of ``cfg.prompts`` into ``out``.
 
     A run that stopped part-way resumes: batches recorded in the journal are not redone. A
-    finished run (manifest present and listing every planned image) returns at once.
+    finished run (manifest present and listing every planned image) returns at once. Images in
+    ``pool`` are copied from it; the ones drawn here are added to it once the manifest is written.
     """
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
@@ -109,18 +116,26 @@ def generate(cfg: RunConfig, out: Path, *, show_progress: bool = True) -> Genera
                 break  # a line cut short by a kill: that batch is redone
             if (out / row["uri"]).exists():
                 done[row["image_id"]] = row
-    batches = [items[i : i + g.batch_size] for i in range(0, len(items), g.batch_size)]
+    pool_ids = pool.ids() if pool is not None else set()
+    with journal.open("a") as jf:
+        for it in items:
+            if pool is not None and it.image_id not in done and it.image_id in pool_ids:
+                row = pool.row(it.image_id)
+                pool.fetch(row, out / row["uri"])
+                done[it.image_id] = row
+                jf.write(json.dumps(row) + "\n")
+    # What is left is drawn in batches cut in plan order; a resumed run finds the same cuts.
+    todo = [it for it in items if it.image_id not in done]
+    batches = [todo[i : i + g.batch_size] for i in range(0, len(todo), g.batch_size)]
+    reused = len(items) - len(todo)
     settings = dict(
         model=model_identity(cfg.model), scheduler=g.scheduler, steps=g.steps, guidance=g.guidance,
         negative_prompt=g.negative_prompt, sld=g.sld, width=width, height=height,
     )  # fmt: skip
     bar = tqdm(total=len(items), desc="generate", unit="img", disable=not show_progress, dynamic_ncols=True)
-    reused = sum(1 for batch in batches if all(it.image_id in done for it in batch) for _ in batch)
     bar.update(reused)
     with journal.open("a") as jf:
         for batch in batches:
-            if all(it.image_id in done for it in batch):
-                continue
             images = sample(
                 pipe, [it.prompt for it in batch], [it.seed for it in batch], steps=g.steps, guidance=g.guidance,
                 height=height, width=width, batch_size=len(batch), negative_prompt=g.negative_prompt, extra=extra,
@@ -142,5 +157,9 @@ def generate(cfg: RunConfig, out: Path, *, show_progress: bool = True) -> Genera
     tmp = out / f".{MANIFEST}.tmp"
     df.to_parquet(tmp, index=False)
     os.replace(tmp, manifest_path)
+    if pool is not None:
+        for row in done.values():
+            if row["image_id"] not in pool_ids:
+                pool.put({c: row[c] for c in MANIFEST_COLUMNS}, out / row["uri"])
     journal.unlink()
     return GenerationResult(manifest_path, len(items) - reused, reused)

@@ -59,3 +59,42 @@ def promotion_gates(
             },
         }
     )
+
+
+@dataclass
+class Verdict:
+    """Whether tonight's model replaces the champion, and why (both models' numbers kept)."""
+
+    promoted: bool
+    reason: str
+    night: dict[str, float]
+    """Tonight's ``concept_rate`` and ``preservation_drop``."""
+    champion: dict[str, float] | None
+    """The champion's, when there is one."""
+    champion_version: str | None = None
+
+
+def challenge(gates: GateResult, champion: dict[str, float] | None, champion_version: str | None = None) -> Verdict:
+    """The challenger rule: promote only a model that passes every gate **and** has a lower
+    concept rate than the champion, with a preservation drop no larger than the champion's.
+    A tie on the concept rate keeps the champion; so does a model that gains removal by losing
+    preservation."""
+    night = {k: float(gates.checks[k]["value"]) for k in ("concept_rate", "preservation_drop")}
+
+    def verdict(promoted: bool, reason: str) -> Verdict:
+        return Verdict(promoted, reason, night, champion, champion_version)
+
+    if not gates.passed:
+        return verdict(False, f"failed gate(s): {', '.join(gates.failed)}")
+    if champion is None:
+        return verdict(True, "passed the gates; there was no champion")
+    c, d = champion["concept_rate"], champion["preservation_drop"]
+    if night["concept_rate"] >= c:
+        return verdict(False, f"concept rate {night['concept_rate']:.3f} does not beat the champion's {c:.3f}")
+    if night["preservation_drop"] > d:
+        return verdict(
+            False, f"preservation drop {night['preservation_drop']:.3f} is worse than the champion's {d:.3f}"
+        )
+    return verdict(
+        True, f"concept rate {night['concept_rate']:.3f} beats the champion's {c:.3f} with no more preservation lost"
+    )

@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 
 from hfi_core.config import RunConfig
+from hfi_core.store import ImagePool, Inbox
 
 
 @dataclass
@@ -44,13 +45,19 @@ class StageContext:
     """A ``tracking.Tracker`` when the step is recorded in MLflow (``register`` needs it to register)."""
     mlflow_run: str | None = None
     """The step's own MLflow run id, with ``tracker``."""
+    pool: ImagePool | None = None
+    """The store's images, shared by every night (``generate`` reuses what was drawn before)."""
+    inbox: Inbox | None = None
+    """The concept's feedback inbox (``feedback`` ingests it whole)."""
+    labelstudio_token: str | None = None
+    """The Label Studio API token, from the step's environment (never from a config)."""
 
 
 def stage_generate(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
     """Seeded images of every prompt group and their manifest (resumes a cut-short run)."""
     from hfi_core.generation import generate
 
-    result = generate(cfg, Path(run) / "generate", show_progress=ctx.show_progress)
+    result = generate(cfg, Path(run) / "generate", show_progress=ctx.show_progress, pool=ctx.pool)
     return {"manifest": str(result.manifest), "generated": result.generated, "reused": result.reused}
 
 
@@ -83,40 +90,102 @@ def _batch(cfg: RunConfig, run: Path) -> tuple[Any, Callable[[dict], str]]:
 def simulate_feedback(cfg: RunConfig, run: Path, dest: Path) -> dict[str, Any]:
     """Toy world: the oracle plays ``feedback.simulate.annotators`` people and writes a Label
     Studio export of the generated batch to ``dest``."""
-    return _simulate(cfg, run, *_batch(cfg, run), dest)
-
-
-def _simulate(cfg: RunConfig, run: Path, manifest: Any, urls: Callable[[dict], str], dest: Path) -> dict[str, Any]:
-    from hfi_core.feedback.simulate import simulate_export
-
-    fb = cfg.feedback
-    export = simulate_export(
-        manifest, Path(run) / "generate", fb.simulate, kind=fb.kind, positive=fb.positive_choice,
-        negative=fb.negative_choice, url_of=urls, ranking_group=fb.ranking_group,
-    )  # fmt: skip
+    manifest, urls = _batch(cfg, run)
+    export = _simulate(cfg, run, manifest, urls)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f".{dest.name}.tmp")
     tmp.write_text(json.dumps(export, indent=1))
     tmp.replace(dest)
-    n = sum(len(t["annotations"]) for t in export)
-    return {"export": str(dest), "tasks": len(export), "annotations": n}
+    return {"export": str(dest), "tasks": len(export), "annotations": sum(len(t["annotations"]) for t in export)}
+
+
+def _simulate(cfg: RunConfig, run: Path, manifest: Any, urls: dict[str, str]) -> list[dict]:
+    from hfi_core.feedback.simulate import simulate_export
+
+    fb = cfg.feedback
+    return simulate_export(
+        manifest, Path(run) / "generate", fb.simulate, kind=fb.kind, positive=fb.positive_choice,
+        negative=fb.negative_choice, url_of=urls, ranking_group=fb.ranking_group,
+    )  # fmt: skip
+
+
+def _ingest_settings(cfg: RunConfig) -> Any:
+    from hfi_core.feedback.ingest import IngestSettings
+
+    fb = cfg.feedback
+    return IngestSettings(fb.kind, fb.positive_choice, fb.negative_choice, fb.image_store, fb.max_file_mb)
+
+
+def _elsewhere(manifest: Any, ctx: StageContext) -> frozenset[str]:
+    """Image ids of other nights: labels of them are valid, though this night does not use them."""
+    return frozenset(ctx.pool.ids() - set(manifest.image_id)) if ctx.pool is not None else frozenset()
+
+
+def collect_feedback(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
+    """Bring new exports into the inbox before the feedback step hashes it (``feedback.source``).
+
+    Every new export is validated first: a bad one is refused with its one-line error and never
+    reaches the inbox, where it would stop every later night.
+    """
+    from hfi_core.feedback.ingest import parse_source
+
+    fb, run = cfg.feedback, Path(run)
+    if ctx.inbox is None:
+        raise ValueError("feedback: this step has no run store, so no feedback inbox")
+    manifest, urls = _batch(cfg, run)
+    settings, elsewhere = _ingest_settings(cfg), _elsewhere(manifest, ctx)
+    new: list[tuple[bytes, str]] = []
+    if fb.source == "files":
+        for f in fb.files:
+            parse_source(Path(f), manifest, settings, elsewhere)  # raises, naming file/record/field
+            new.append((Path(f).read_bytes(), Path(f).suffix.lower()))
+    elif fb.source == "simulate":
+        # The simulated people label what nobody has labelled yet, as annotators working
+        # through a Label Studio project would: earlier nights' labels are not redone.
+        labelled: set[str] = set()
+        with _tmpdir() as tmp:
+            for path in ctx.inbox.download(tmp):
+                for x in parse_source(path, manifest, settings, elsewhere):
+                    labelled |= set(getattr(x, "image_ids", None) or [x.image_id])
+        todo = manifest[~manifest.image_id.isin(labelled)].reset_index(drop=True)
+        if len(todo):
+            new.append((json.dumps(_simulate(cfg, run, todo, urls), indent=1).encode(), ".json"))
+    elif fb.source == "labelstudio":
+        from hfi_core.feedback.labelstudio_api import pull_export
+
+        data = pull_export(fb.labelstudio, cfg.concept.name, ctx.labelstudio_token)
+        if data is not None:
+            with _tmpdir() as tmp:
+                (Path(tmp) / "export.json").write_bytes(data)
+                parse_source(Path(tmp) / "export.json", manifest, settings, elsewhere)
+            new.append((data, ".json"))
+    added = [ctx.inbox.add(data, suffix) for data, suffix in new]
+    return {"inbox": ctx.inbox.uri(), "exports_added": sum(is_new for _, is_new in added)}
+
+
+def _tmpdir() -> Any:
+    import tempfile
+
+    return tempfile.TemporaryDirectory(prefix="hfi-inbox-")
 
 
 def stage_feedback(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
-    """Ingest the configured exports, or (toy world) the oracle's simulated export of the batch."""
-    from hfi_core.feedback.ingest import IngestSettings, ingest
+    """Ingest the concept's whole inbox: every night trains on all feedback so far, and an
+    annotation that two exports both hold counts once."""
+    from hfi_core.feedback.ingest import ingest
 
-    run, fb = Path(run), cfg.feedback
-    manifest, urls = _batch(cfg, run)
-    if fb.source == "simulate":
-        sources = [run / "feedback" / "labelstudio" / "simulated_export.json"]
-        _simulate(cfg, run, manifest, urls, sources[0])
-    else:
-        sources = [Path(f) for f in fb.files]
-        if not sources:
-            raise ValueError("feedback.files: empty; list the Label Studio exports, or use feedback.source: simulate")
-    settings = IngestSettings(fb.kind, fb.positive_choice, fb.negative_choice, fb.image_store, fb.max_file_mb)
-    return ingest(manifest, sources, run / "feedback", settings)
+    run = Path(run)
+    if ctx.inbox is None:
+        raise ValueError("feedback: this step has no run store, so no feedback inbox")
+    manifest, _ = _batch(cfg, run)
+    sources = ctx.inbox.download(run / ".inbox")
+    if not sources:
+        raise ValueError(
+            f"feedback inbox {ctx.inbox.uri()} is empty: drop Label Studio exports there, list them in "
+            "feedback.files, or set feedback.source to labelstudio (or simulate, in the toy world)"
+        )
+    summary = ingest(manifest, sources, run / "feedback", _ingest_settings(cfg), _elsewhere(manifest, ctx))
+    return {**summary, "inbox": ctx.inbox.uri()}
 
 
 def stage_reward(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
@@ -283,25 +352,73 @@ def stage_evaluate(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, An
 
 
 def stage_register(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
-    """Check the promotion gates on the evaluation and register the distilled model.
+    """Check the promotion gates and the challenger rule, and register the distilled model.
 
-    With a tracker, the model becomes a new version of ``promotion.model_name`` and gets the
-    ``champion`` alias only when every gate passes; without one, only the verdict is written."""
-    from hfi_core.promotion import promotion_gates
+    With a tracker, the model becomes a new version of ``promotion.model_name`` and takes the
+    ``champion`` alias only when it passes every gate and beats the current champion
+    (``promotion.challenge``); the verdict, both models' numbers and the reason go on the version
+    and on the night's parent run. Without one, only the gates' verdict is written."""
+    from hfi_core.promotion import challenge, promotion_gates
 
     run, p = Path(run), cfg.promotion
     summary = json.loads((run / "evaluate" / "summary.json").read_text())
     gates = promotion_gates(summary, p.max_concept_rate, p.max_preservation_drop, p.concept_metric)
-    version = None
+    version, champion = None, None
     if ctx.tracker is not None and ctx.mlflow_run is not None:
         ctx.tracker.log_artifacts(ctx.mlflow_run, run / "distill", "model")
-        version = ctx.tracker.register(ctx.mlflow_run, p.model_name, "model", gates)
-    result = {"model_name": p.model_name, "version": version, "champion": gates.passed and version is not None,
-              "gates_passed": gates.passed, "gates": gates.checks}  # fmt: skip
+        champion = ctx.tracker.champion(p.model_name, ctx.mlflow_run)
+    verdict = challenge(gates, champion[1] if champion else None, champion[0] if champion else None)
+    if ctx.tracker is not None and ctx.mlflow_run is not None:
+        version = ctx.tracker.register(ctx.mlflow_run, p.model_name, "model", gates, verdict)
+    else:
+        verdict.promoted, verdict.reason = False, f"not tracked: no registry to promote in ({verdict.reason})"
+    result = {
+        "model_name": p.model_name,
+        "version": version,
+        "champion": verdict.promoted,
+        "gates_passed": gates.passed,
+        "gates": gates.checks,
+        "reason": verdict.reason,
+        "night": verdict.night,
+        "previous_champion": {"version": verdict.champion_version, **verdict.champion} if verdict.champion else None,
+    }
     out = run / "register"
     out.mkdir(parents=True, exist_ok=True)
     (out / "registration.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def headline(name: str, result: dict[str, Any], cfg: RunConfig) -> dict[str, float]:
+    """What a step adds to the night's parent run, so that the runs table compares nights:
+    labels used, reward AUC, the concept rate before and after per group, preservation, promoted."""
+    if result.get("skipped"):
+        return {}
+    if name == "feedback":
+        return {"labels_used": result.get("labels", 0), "labelled_images": result.get("rows", 0)}
+    if name == "reward":
+        keys = {"holdout_auc": "reward_auc", "holdout_pair_accuracy": "reward_pair_accuracy"}
+        return {keys[k]: v for k, v in result.items() if k in keys}
+    if name == "evaluate":
+        key = cfg.promotion.concept_metric
+        out: dict[str, float] = {}
+        for group, before in result.get("sd", {}).items():
+            after = result.get("distilled", {}).get(group, {})
+            tag = group.replace(":", "_")
+            if key in before:
+                out[f"{tag}.concept_before"], out[f"{tag}.concept_after"] = before[key], after.get(key, float("nan"))
+        return out
+    if name == "register":
+        night = result["night"]
+        return {"concept_rate": night["concept_rate"], "preservation_drop": night["preservation_drop"],
+                "promoted": float(result["champion"]), "gates_passed": float(result["gates_passed"])}  # fmt: skip
+    return {}
+
+
+def grids(name: str, run: Path) -> dict[str, Path]:
+    """The image grids a step shows on the night's parent run, by key (the same keys every night)."""
+    if name != "evaluate":
+        return {}
+    return {f"grid_{p.parent.name}": p for p in sorted((Path(run) / "evaluate").glob("*/grid.png"))}
 
 
 def summary_table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
@@ -338,6 +455,9 @@ class Stage:
     """Part of a labelling batch: the feedback-collection DAG runs these stages."""
     needed: Callable[[RunConfig], bool] = lambda cfg: True
     """Whether a run with this config needs the stage; one that does not is marked done, empty."""
+    collect: Callable[[RunConfig, Path, StageContext], dict[str, Any]] | None = None
+    """Reads the feedback inbox: this runs first, bringing new exports in, and the inbox's
+    content hash becomes one of the step's inputs (new feedback re-runs it, none skips it)."""
 
 
 STAGES: dict[str, Stage] = {
@@ -348,7 +468,7 @@ STAGES: dict[str, Stage] = {
         Stage("publish", stage_publish, ("generate",), gpu=False, timeout_hours=0.25, progress=False,
               command=("feedback", "export"), batch=True),
         Stage("feedback", stage_feedback, ("generate",), gpu=False, timeout_hours=0.5, progress=False,
-              command=("feedback", "ingest")),
+              command=("feedback", "ingest"), collect=collect_feedback),
         Stage("reward", stage_reward, ("generate", "feedback"), gpu=False, timeout_hours=1, progress=False,
               command=("reward", "train")),
         # Text-only removal (distill.use_token: false) needs no token.

@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from hfi_core.config import RunConfig, config_hash
-from hfi_core.stages import STAGES, StageContext, stage
-from hfi_core.store import LocalStore, Store, tree_hashes
+from hfi_core.stages import STAGES, StageContext, grids, headline, stage
+from hfi_core.store import RESERVED, ImagePool, Inbox, LocalStore, Store, tree_hashes
 
 ARTIFACT_SUFFIXES = (".png", ".md", ".json", ".xml")
 
@@ -52,8 +52,11 @@ def _join(prefix: str, name: str) -> str:
 
 
 def step_inputs(name: str, cfg: RunConfig, store: Store, run_prefix: str) -> dict[str, str]:
-    """The input hashes a marker must match: the config's and each upstream stage's outputs'."""
+    """The input hashes a marker must match: the config's, each upstream stage's outputs' and,
+    for a stage that reads it, the feedback inbox's."""
     inputs = {"config": config_hash(cfg)}
+    if stage(name).collect is not None:
+        inputs["inbox"] = Inbox(store, cfg.concept.name).digest()
     for dep in stage(name).upstream:
         marker = store.success(_join(run_prefix, dep))
         if marker is None:
@@ -62,6 +65,12 @@ def step_inputs(name: str, cfg: RunConfig, store: Store, run_prefix: str) -> dic
             )
         inputs[dep] = hashlib.sha256(json.dumps(marker["outputs"], sort_keys=True).encode()).hexdigest()
     return inputs
+
+
+def _pull_upstream(st: Any, store: Store, run_prefix: str, scratch: Path) -> None:
+    for dep in st.upstream:
+        if not (scratch / dep).exists():
+            store.download_dir(_join(run_prefix, dep), scratch / dep)
 
 
 def run_step(
@@ -74,6 +83,7 @@ def run_step(
     *,
     show_progress: bool = False,
     resume: bool = False,
+    labelstudio_token: str | None = None,
 ) -> dict[str, Any]:
     """Run stage ``name`` of the run at ``store/run_prefix`` (see the module docstring).
 
@@ -84,50 +94,72 @@ def run_step(
         resume: ``distill`` continues from its checkpoint in ``scratch``.
     """
     st = stage(name)
+    if run_prefix.split("/")[-1] in RESERVED:
+        raise ValueError(f"run name {run_prefix!r}: {RESERVED} are the store's own folders, not nights")
     prefix = _join(run_prefix, name)
+    scratch = Path(scratch)
+    ctx = StageContext(show_progress=show_progress and st.progress, resume=resume, pool=ImagePool(store),
+                       inbox=Inbox(store, cfg.concept.name), labelstudio_token=labelstudio_token)  # fmt: skip
+    step_inputs(name, cfg, store, run_prefix)  # every upstream stage has finished
+    collected = None
+    if st.collect is not None:
+        _pull_upstream(st, store, run_prefix, scratch)
+        collected = st.collect(cfg, scratch, ctx)
     inputs = step_inputs(name, cfg, store, run_prefix)
     marker = store.success(prefix)
     if marker is not None and marker["inputs"] == inputs:
         return {"skipped": True, "reason": "a _SUCCESS marker with the same input hashes exists", "stage": name}
 
-    scratch = Path(scratch)
     if not st.needed(cfg):
         (scratch / name).mkdir(parents=True, exist_ok=True)
         store.mark_success(prefix, inputs, {})
         return {"skipped": True, "reason": "this config does not need the stage", "stage": name}
-    for dep in st.upstream:
-        if not (scratch / dep).exists():
-            store.download_dir(_join(run_prefix, dep), scratch / dep)
+    _pull_upstream(st, store, run_prefix, scratch)
     if not resume:
         shutil.rmtree(scratch / name, ignore_errors=True)  # a retry starts clean
 
-    tracker = child = None
+    tracker = child = parent = None
     if tracking is not None:
         from hfi_core.tracking import Tracker
 
+        # The parent is the night: named by concept and night, RUNNING while a step of it runs,
+        # FINISHED when none is left running, FAILED when one failed.
+        night = run_prefix.rstrip("/").split("/")[-1]
         tracker = Tracker(tracking.tracking_uri, tracking.experiment, artifact_location=tracking.artifact_location)
         parent = tracker.parent(
-            tracking.run_key, f"{cfg.name} {tracking.run_key}", cfg.model_dump(mode="json"), tracking.tags
-        )
+            tracking.run_key, f"{cfg.concept.name} · {night}", cfg.model_dump(mode="json"),
+            {**tracking.tags, "hfi.night": night, "hfi.concept": cfg.concept.name},
+        )  # fmt: skip
         child = tracker.child(parent, name, {**tracking.tags, "hfi.store": store.uri(prefix)})
-    ctx = StageContext(show_progress=show_progress and st.progress, resume=resume, tracker=tracker, mlflow_run=child)
+    ctx.tracker, ctx.mlflow_run = tracker, child
     try:
         result = st.run(cfg, scratch, ctx)
+        if collected:
+            result = {**collected, **result}
         (scratch / name).mkdir(parents=True, exist_ok=True)
-        if tracker is not None and child is not None:
+        if tracker is not None and child is not None and parent is not None:
             tracker.log_metrics(child, result)
+            tracker.log_metrics(parent, headline(name, result, cfg))
             for f in sorted((scratch / name).rglob("*")):
                 if f.suffix in ARTIFACT_SUFFIXES and f.stat().st_size < 5 * 2**20 and f.parent.name != "raw":
                     tracker.log_file(child, f, f"{name}/{f.parent.relative_to(scratch / name)}".rstrip("/."))
+            for key, path in grids(name, scratch).items():
+                tracker.log_image(parent, path, key)
+            if name == "register":
+                verdict = "promoted" if result["champion"] else "not promoted"
+                tags = {"hfi.verdict": verdict, "hfi.reason": result["reason"], "hfi.model_version": result["version"]}
+                tracker.set_tags(parent, tags)
     except BaseException:
-        if tracker is not None and child is not None:
+        if tracker is not None and child is not None and parent is not None:
             tracker.finish(child, ok=False)
+            tracker.finish(parent, ok=False)
         raise
-    if tracker is not None and child is not None:
-        tracker.finish(child)
 
     store.upload_dir(scratch / name, prefix)
     store.mark_success(prefix, inputs, tree_hashes(scratch / name), mlflow_run_id=child)
+    if tracker is not None and child is not None and parent is not None:
+        tracker.finish(child)
+        tracker.settle(parent)
     return result
 
 

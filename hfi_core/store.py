@@ -2,10 +2,14 @@
 
 This is the only module that talks to S3 (boto3). Stages compute in a local folder; the store
 moves their inputs in and outputs out, and a stage counts as done only when its ``_SUCCESS``
-marker exists, written last and holding the hashes of its inputs and outputs::
+marker exists, written last and holding the hashes of its inputs and outputs. One store holds
+every night of a deployment::
 
-    <run>/<stage>/...            the stage's files
-    <run>/<stage>/_SUCCESS       {"inputs": {...sha256...}, "outputs": {...sha256...}, "finished_at": ...}
+    <night>/<stage>/...                   the stage's files
+    <night>/<stage>/_SUCCESS              {"inputs": {...sha256...}, "outputs": {...sha256...}, "finished_at": ...}
+    feedback/<concept>/inbox/<sha256>.json  raw exports (``Inbox``): named by their bytes, never rewritten
+    images/<sha256>.png                   every image ever drawn (``ImagePool``), shared by the nights
+    images/index/<image_id>.json          its manifest row: a night that asks for it again reuses it
 
 A stage that dies leaves no marker, so nothing half-written is ever taken as complete; a retry
 whose marker lists the same input hashes is skipped. On S3 every object is written whole by a
@@ -20,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -108,6 +113,97 @@ class Store:
         """Write the marker, last: from now on the stage counts as done."""
         marker = {"inputs": inputs, "outputs": outputs, "finished_at": time.time(), **extra}
         self.write_bytes(f"{stage_prefix.rstrip('/')}/{SUCCESS}", json.dumps(marker, indent=1).encode())
+
+
+def _slug(text: str) -> str:
+    """A store-safe folder name for a concept (``Van Gogh`` -> ``van-gogh``)."""
+    slug = re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
+    if not slug:
+        raise ValueError(f"concept name {text!r} has no letters or digits to name its folder by")
+    return slug
+
+
+RESERVED = ("feedback", "images")
+"""Top-level names of the store that are not nights."""
+
+
+class Inbox:
+    """The concept's raw feedback exports, as annotators (or the Label Studio pull) left them.
+
+    Each export is stored under the sha256 of its bytes: adding the same export twice keeps one,
+    an export is never rewritten, and the listing of names is the inbox's content hash.
+    """
+
+    SUFFIXES = (".json", ".jsonl", ".csv")
+
+    def __init__(self, store: Store, concept: str) -> None:
+        self.store = store
+        self.prefix = f"feedback/{_slug(concept)}/inbox"
+
+    def add(self, data: bytes, suffix: str = ".json") -> tuple[str, bool]:
+        """Store one export; returns its key and whether it was new."""
+        if suffix not in self.SUFFIXES:
+            raise ValueError(f"feedback inbox: {suffix!r} exports are not read; use one of {self.SUFFIXES}")
+        key = f"{self.prefix}/{hashlib.sha256(data).hexdigest()}{suffix}"
+        if self.store.exists(key):
+            return key, False
+        self.store.write_bytes(key, data)
+        return key, True
+
+    def add_file(self, path: Path) -> tuple[str, bool]:
+        return self.add(Path(path).read_bytes(), Path(path).suffix.lower())
+
+    def keys(self) -> list[str]:
+        """The exports, in name order (temporary files of a write under way are not listed)."""
+        return [k for k in self.store.list(self.prefix + "/") if Path(k).suffix in self.SUFFIXES]
+
+    def digest(self) -> str:
+        """sha256 of the listing: names are content hashes, so this covers every byte."""
+        return hashlib.sha256("\n".join(self.keys()).encode()).hexdigest()
+
+    def download(self, folder: Path) -> list[Path]:
+        """Every export into ``folder``; returns the local paths, in name order."""
+        out = []
+        for key in self.keys():
+            path = Path(folder) / Path(key).name
+            if not path.exists():
+                self.store.download_file(key, path)
+            out.append(path)
+        return out
+
+    def uri(self) -> str:
+        return self.store.uri(self.prefix)
+
+
+class ImagePool:
+    """Content-addressed images shared across nights, with the manifest row of each image id.
+
+    A night asking for an image id drawn before copies it from here instead of drawing it again,
+    so the images people labelled on an earlier night are the very bytes the later nights train on.
+    """
+
+    def __init__(self, store: Store, prefix: str = "images") -> None:
+        self.store = store
+        self.prefix = prefix
+
+    def ids(self) -> set[str]:
+        start = f"{self.prefix}/index/"
+        return {Path(k).stem for k in self.store.list(start) if k.endswith(".json")}
+
+    def row(self, image_id: str) -> dict[str, Any] | None:
+        key = f"{self.prefix}/index/{image_id}.json"
+        return json.loads(self.store.read_bytes(key)) if self.store.exists(key) else None
+
+    def fetch(self, row: dict[str, Any], dest: Path) -> None:
+        """The image of a pool ``row`` to ``dest``."""
+        self.store.download_file(f"{self.prefix}/{row['sha256']}.png", Path(dest))
+
+    def put(self, row: dict[str, Any], path: Path) -> None:
+        """Add an image: the PNG first, then its index row (a reader never finds a row without bytes)."""
+        key = f"{self.prefix}/{row['sha256']}.png"
+        if not self.store.exists(key):
+            self.store.upload_file(Path(path), key)
+        self.store.write_bytes(f"{self.prefix}/index/{row['image_id']}.json", json.dumps(row, default=str).encode())
 
 
 class LocalStore(Store):

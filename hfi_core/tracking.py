@@ -16,9 +16,11 @@ from typing import Any
 from mlflow.entities import RunStatus
 from mlflow.tracking import MlflowClient
 
-from hfi_core.promotion import GateResult
+from hfi_core.promotion import GateResult, Verdict
 
 CHAMPION = "champion"
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+"""MLflow 3 opens an experiment on its GenAI pages unless this tag says it trains models."""
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -41,11 +43,14 @@ class Tracker:
     ) -> None:
         self.client = MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri or tracking_uri)
         found = self.client.get_experiment_by_name(experiment)
-        self.experiment_id = (
-            found.experiment_id
-            if found
-            else self.client.create_experiment(experiment, artifact_location=artifact_location)
-        )
+        if found is None:
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=artifact_location, tags=EXPERIMENT_KIND
+            )
+        else:
+            self.experiment_id = found.experiment_id
+            if found.tags.get("mlflow.experimentKind") is None:
+                self.client.set_experiment_tag(self.experiment_id, *next(iter(EXPERIMENT_KIND.items())))
 
     def _find(self, tags: dict[str, str]) -> str | None:
         query = " and ".join(f"tags.`{k}` = '{v}'" for k, v in tags.items())
@@ -56,6 +61,8 @@ class Tracker:
         """The parent run of pipeline run ``run_key`` (created once, found again on retries)."""
         existing = self._find({"hfi.run_key": run_key, "hfi.level": "parent"})
         if existing:
+            if self.client.get_run(existing).info.status != "RUNNING":  # a re-run or a retry after a failure
+                self.client.set_terminated(existing, status=RunStatus.to_string(RunStatus.RUNNING))
             return existing
         run = self.client.create_run(
             self.experiment_id, run_name=name, tags={**tags, "hfi.run_key": run_key, "hfi.level": "parent"}
@@ -90,8 +97,56 @@ class Tracker:
     def finish(self, run_id: str, ok: bool = True) -> None:
         self.client.set_terminated(run_id, status="FINISHED" if ok else "FAILED")
 
-    def register(self, run_id: str, name: str, artifact_path: str, gates: GateResult) -> str:
-        """Register ``runs:/<run>/<artifact_path>`` as a version of ``name``; ``champion`` only if gates pass."""
+    def settle(self, parent_id: str) -> None:
+        """The parent ends FINISHED once none of its children is running or failed."""
+        children = self.client.search_runs(
+            [self.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_id}'", max_results=200
+        )
+        states = {c.info.status for c in children}
+        if "RUNNING" not in states:
+            self.finish(parent_id, ok="FAILED" not in states)
+
+    def log_image(self, run_id: str, path: Path, key: str) -> None:
+        """An image under ``key`` (step 0): MLflow lines up the same key across runs."""
+        from PIL import Image
+
+        with Image.open(path) as im:
+            self.client.log_image(run_id, im.convert("RGB"), key=key, step=0)
+
+    def set_tags(self, run_id: str, tags: dict[str, Any]) -> None:
+        for k, v in tags.items():
+            self.client.set_tag(run_id, k, str(v))
+
+    def parent_of(self, run_id: str) -> str | None:
+        return self.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
+
+    def champion(self, name: str, challenger_run: str) -> tuple[str, dict[str, float]] | None:
+        """The champion's version and the numbers it was registered with, or ``None``.
+
+        When the champion is ``challenger_run``'s own version (a retried register step), the one
+        it was compared with is returned, so that the retry reaches the same verdict."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            version = self.client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            return None  # no such model, or no alias yet
+        prefix = "hfi."
+        if version.run_id == challenger_run:
+            if "hfi.champion.version" not in version.tags:
+                return None
+            prefix = "hfi.champion."
+        numbers = {k: float(version.tags[f"{prefix}{k}"]) for k in ("concept_rate", "preservation_drop")
+                   if f"{prefix}{k}" in version.tags}  # fmt: skip
+        label = version.tags["hfi.champion.version"] if prefix == "hfi.champion." else version.version
+        return (label, numbers) if len(numbers) == 2 else None
+
+    def register(self, run_id: str, name: str, artifact_path: str, gates: GateResult, verdict: Verdict) -> str:
+        """Register ``runs:/<run>/<artifact_path>`` as a version of ``name`` with its numbers and the
+        verdict as tags; it takes the ``champion`` alias only when ``verdict.promoted``.
+
+        A retried register step finds the version it made before (by run) instead of adding one.
+        """
         from mlflow.exceptions import MlflowException
 
         try:
@@ -99,13 +154,21 @@ class Tracker:
         except MlflowException:
             pass  # exists already
         run = self.client.get_run(run_id)
-        version = self.client.create_model_version(
-            name, f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id, tags={"gates": json.dumps(gates.checks)}
-        )
-        if gates.passed:
+        mine = self.client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'")
+        version = mine[0] if mine else self.client.create_model_version(
+            name, f"{run.info.artifact_uri}/{artifact_path}", run_id=run_id
+        )  # fmt: skip
+        tags = {"gates": json.dumps(gates.checks), "hfi.verdict": "promoted" if verdict.promoted else "kept champion",
+                "hfi.reason": verdict.reason, **{f"hfi.{k}": v for k, v in verdict.night.items()}}  # fmt: skip
+        if verdict.champion is not None:
+            tags |= {f"hfi.champion.{k}": v for k, v in verdict.champion.items()}
+            tags["hfi.champion.version"] = verdict.champion_version
+        if not gates.passed:
+            tags["failed_gate"] = ",".join(gates.failed)
+        for k, v in tags.items():
+            self.client.set_model_version_tag(name, version.version, k, str(v))
+        if verdict.promoted:
             self.client.set_registered_model_alias(name, CHAMPION, version.version)
-        else:
-            self.client.set_model_version_tag(name, version.version, "failed_gate", ",".join(gates.failed))
         return version.version
 
 

@@ -1,9 +1,18 @@
-"""``make demo``: the nightly pipeline on the embedded default, on one machine.
+"""``make demo``: two nights of the nightly pipeline on the embedded default, on one machine.
 
-The toy world (remove "striped"), simulated annotators, Airflow through ``airflow dags test``
-on a sqlite metadata DB, MLflow on a local sqlite store with local artifacts, and a local folder
-instead of S3. Nothing listens on the network: ``dags test`` runs tasks in-process and starts no
-server. Ends with a before/after table, the promotion verdict and the command for the MLflow UI.
+The toy world (remove "striped"), Airflow through ``airflow dags test`` on a sqlite metadata
+DB, MLflow on a local sqlite store with local artifacts, and a local folder instead of S3.
+Nothing listens on the network: ``dags test`` runs tasks in-process and starts no server.
+
+- Night 1 draws 540 images; the simulated annotators (three people, the toy world's oracle
+  with 10% noise) label them and drop their export into the concept's feedback inbox; the
+  night trains on it, and its model becomes the champion if it passes the gates.
+- Night 2 asks for one more image per prompt (585, 8% new): the 540 come from the store's
+  image pool, only the new ones are drawn and labelled, and the night trains on the union.
+  Its model replaces the champion only if it passes the gates and beats it.
+
+Ends with both nights' before/after tables, the champion verdict and the command for the
+MLflow UI.
 """
 
 from __future__ import annotations
@@ -42,25 +51,24 @@ def main() -> int:
     t0 = time.time()
     print("hfi demo: preparing Airflow's metadata DB (sqlite) ...", flush=True)
     subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True)
-    conf = {
-        "config": str(ROOT / "configs" / "toyworld-striped.yaml"),
-        "run_root": str(demo / "runs"),
-        "run_name": "demo",
-    }
-    print(
-        "hfi demo: running DAG hfi_concept_removal (generate -> ... -> register); log: .demo/dags_test.log", flush=True
-    )
-    with open(demo / "dags_test.log", "w") as log:
-        rc = subprocess.run(
-            [str(BIN / "airflow"), "dags", "test", "hfi_concept_removal", "--conf", json.dumps(conf)],
-            env=env, stdout=log, stderr=subprocess.STDOUT,
-        ).returncode  # fmt: skip
-    run = demo / "runs" / "demo"
-    if rc != 0 or not (run / "register" / "_SUCCESS").exists():
-        print(f"hfi demo: the DAG run failed (exit {rc}); see {demo / 'dags_test.log'}", file=sys.stderr)
-        return 1
-    print(report(run))
-    print(f"done in {time.time() - t0:.0f} s. Browse the runs:")
+    config = str(ROOT / "configs" / "toyworld-striped.yaml")
+    nights = [("night-1", {}), ("night-2", {"generation.images_per_prompt": 13})]
+    for night, params in nights:
+        conf = {"config": config, "run_root": str(demo / "runs"), "run_name": night, **params}
+        log_path = demo / f"{night}.log"
+        print(f"hfi demo: {night}: DAG hfi_concept_removal (generate -> ... -> register); log: {log_path}", flush=True)
+        t = time.time()
+        with open(log_path, "w") as log:
+            rc = subprocess.run(
+                [str(BIN / "airflow"), "dags", "test", "hfi_concept_removal", "--conf", json.dumps(conf)],
+                env=env, stdout=log, stderr=subprocess.STDOUT,
+            ).returncode  # fmt: skip
+        run = demo / "runs" / night
+        if rc != 0 or not (run / "register" / "_SUCCESS").exists():
+            print(f"hfi demo: {night} failed (exit {rc}); see {log_path}", file=sys.stderr)
+            return 1
+        print(f"\n== {night} ({time.time() - t:.0f} s) ==" + report(run), flush=True)
+    print(f"done in {time.time() - t0:.0f} s. Browse the nights side by side:")
     print(f"  {BIN / 'mlflow'} ui --backend-store-uri sqlite:///{demo / 'mlflow.db'} --host 127.0.0.1 --port 5000")
     return 0
 
@@ -90,8 +98,27 @@ def report(run: Path) -> str:
         for g, c in reg["gates"].items()
     )
     verdict = "promoted: alias 'champion'" if reg["champion"] else "not promoted"
-    lines += ["", f"concept = {key}; model version {reg['version']}: {verdict}; gates: {gates}", ""]
+    labels = _labels(run)
+    lines += [
+        "",
+        f"feedback: {labels}" if labels else "",
+        f"concept = {key}; model version {reg['version']}: {verdict}; gates: {gates}",
+        f"champion verdict: {reg.get('reason', '')}",
+        "",
+    ]
     return "\n".join(lines)
+
+
+def _labels(run: Path) -> str:
+    """How much feedback the night trained on: labelled images, annotations, inbox exports."""
+    labels = run / "feedback" / "labels.parquet"
+    if not labels.exists():
+        return ""
+    import pandas as pd
+
+    table = pd.read_parquet(labels)
+    exports = len(list((run / "feedback" / "raw").glob("*"))) if (run / "feedback" / "raw").is_dir() else 0
+    return f"{len(table)} labelled images, {int(table.n_votes.sum())} annotations, from {exports} inbox export(s)"
 
 
 def _git_commit() -> str:

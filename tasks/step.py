@@ -105,6 +105,11 @@ def run(args: argparse.Namespace) -> int:
     s3 = S3Settings(endpoint_url=os.environ.get("HFI_S3_ENDPOINT_URL") or None)
     root, _, run_name = args.run_uri.rstrip("/").rpartition("/")
     store = Store.open(root, s3)
+    if not args.config or not (args.config.startswith("s3://") or Path(args.config).is_absolute()):
+        raise ValueError(
+            f"--config {args.config!r}: a step needs an absolute path or an s3:// URI (a scheduled run takes it "
+            "from the deployment: set HFI_CONFIG on the scheduler and workers, or the Airflow Variable hfi_config)"
+        )
     with tempfile.TemporaryDirectory(prefix="hfi-step-") as tmp:
         config_path = Path(args.config)
         if args.config.startswith("s3://"):
@@ -124,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
                 ctx,
                 os.environ.get("HFI_MLFLOW_ARTIFACT_ROOT"),
             )
-        result = run_step(args.stage, cfg, store, run_name, scratch, tracking)
+        token = os.environ.get("LABEL_STUDIO_API_KEY") or None
+        result = run_step(args.stage, cfg, store, run_name, scratch, tracking, labelstudio_token=token)
     print(json.dumps(result, indent=2, default=str))
     return 0

@@ -142,21 +142,24 @@ def _rows_of(path: Path, text: str) -> tuple[str, Any]:
 class _Checker:
     """Checks ids, URLs and labels against the manifest and the settings."""
 
-    def __init__(self, manifest: pd.DataFrame, settings: IngestSettings) -> None:
+    def __init__(
+        self, manifest: pd.DataFrame, settings: IngestSettings, elsewhere: frozenset[str] = frozenset()
+    ) -> None:
         self.uri_of = dict(zip(manifest.image_id, manifest.uri, strict=True))
         self.s = settings
+        self.elsewhere = elsewhere
 
     def image_id(self, value: Any, source: str, record: int, field: str) -> str:
         if not isinstance(value, str) or not value:
             raise FeedbackError(source, record, field, f"expected an image id string, got {value!r}")
         if "/" in value or "\\" in value or ".." in value or not SAFE_ID.match(value):
             raise FeedbackError(source, record, field, f"{value!r} is not a safe image id (no '/', '\\', '..')")
-        if value not in self.uri_of:
+        if value not in self.uri_of and value not in self.elsewhere:
             raise FeedbackError(source, record, field, f"unknown image id {value!r} (not in the manifest)")
         return value
 
     def image_url(self, url: Any, image_id: str, source: str, record: int, field: str) -> None:
-        if url is None:
+        if url is None or image_id not in self.uri_of:
             return
         if not isinstance(url, str):
             raise FeedbackError(source, record, field, f"expected a URL string, got {url!r}")
@@ -185,12 +188,17 @@ def _plain_label(value: Any, check: _Checker, source: str, record: int) -> int:
     return check.label([str(value)], source, record, "label")
 
 
-def parse_source(path: Path, manifest: pd.DataFrame, settings: IngestSettings) -> list[Vote] | list[Ranking]:
-    """Parse and validate one export. Raises ``FeedbackError`` at the first problem."""
+def parse_source(
+    path: Path, manifest: pd.DataFrame, settings: IngestSettings, elsewhere: frozenset[str] = frozenset()
+) -> list[Vote] | list[Ranking]:
+    """Parse and validate one export. Raises ``FeedbackError`` at the first problem.
+
+    ``elsewhere``: image ids drawn on other nights (the image pool's), valid but not in ``manifest``.
+    """
     name = str(path)
     text = _read_text(path, settings)
     fmt, rows = _rows_of(path, text)
-    check = _Checker(manifest, settings)
+    check = _Checker(manifest, settings, elsewhere)
     out: list = []
     csv_file = path.suffix.lower() == ".csv"
 
@@ -335,11 +343,19 @@ def _raw_name(path: Path, sha: str) -> str:
     return f"{sha[:16]}-{safe}"
 
 
-def ingest(manifest: pd.DataFrame, sources: list[Path], out: Path, settings: IngestSettings) -> dict[str, Any]:
+def ingest(
+    manifest: pd.DataFrame,
+    sources: list[Path],
+    out: Path,
+    settings: IngestSettings,
+    elsewhere: frozenset[str] = frozenset(),
+) -> dict[str, Any]:
     """Validate ``sources`` together with earlier ones under ``out/raw`` and write the labels.
 
-    Returns a summary (files, votes or pairs, images). Raises ``FeedbackError`` before writing
-    anything when any source is bad.
+    Labels of images in ``elsewhere`` (drawn on another night, not in this night's ``manifest``)
+    are valid but not used: they are counted as ``labels_outside_batch``. Returns a summary
+    (files, votes or pairs, images). Raises ``FeedbackError`` before writing anything when any
+    source is bad.
     """
     out = Path(out)
     earlier = sorted((out / RAW).glob("*")) if (out / RAW).is_dir() else []
@@ -355,7 +371,10 @@ def ingest(manifest: pd.DataFrame, sources: list[Path], out: Path, settings: Ing
     # Parse everything first: nothing is written unless every source is valid.
     parsed = []
     for path in [*earlier, *(p for p, _ in new)]:
-        parsed += parse_source(path, manifest, settings)
+        parsed += parse_source(path, manifest, settings, elsewhere)
+    in_batch = set(manifest.image_id)
+    kept = [x for x in parsed if all(i in in_batch for i in (x.image_ids if isinstance(x, Ranking) else [x.image_id]))]
+    outside, parsed = len(parsed) - len(kept), kept
     if settings.kind == "binary":
         table, name = aggregate_votes(parsed), LABELS
     else:
@@ -375,6 +394,7 @@ def ingest(manifest: pd.DataFrame, sources: list[Path], out: Path, settings: Ing
         "sources": len(earlier) + len(new),
         "new_sources": len(new),
         "labels": len(parsed),
+        "labels_outside_batch": outside,
         "rows": len(table),
         "output": str(out / name),
     }

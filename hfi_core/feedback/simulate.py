@@ -8,6 +8,7 @@ pair of neighbouring images in their order (ranking).
 
 from __future__ import annotations
 
+import hashlib
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -35,8 +36,13 @@ def concept_scores(manifest: pd.DataFrame, image_root: Path, cfg: SimulateConfig
     return oracle.judge(images)[cfg.attribute][:, classes.index(cfg.value)]
 
 
-def _annotation(ann_id: int, who: int, task_id: int, result: list[dict], k: int) -> dict:
-    t = (_T0 + timedelta(seconds=7 * ann_id)).isoformat().replace("+00:00", "Z")
+def _id(*parts: object) -> int:
+    """A stable id from what a task or annotation is about: exports of later batches never reuse one."""
+    return int(hashlib.sha256("|".join(map(str, parts)).encode()).hexdigest()[:12], 16)
+
+
+def _annotation(ann_id: int, who: int, task_id: int, result: list[dict], k: int, n: int) -> dict:
+    t = (_T0 + timedelta(seconds=7 * n)).isoformat().replace("+00:00", "Z")
     return {
         "id": ann_id,
         "completed_by": who,
@@ -71,12 +77,14 @@ def simulate_export(
         if kind == "binary"
         else ranking_tasks(rows, url_of, group_size, by=ranking_group, seed=cfg.seed)
     )
-    ann_id = 1000
-    for t_id, task in enumerate(tasks, start=1):
+    n = 0
+    for task in tasks:
+        about = task["data"].get("image_id") or "|".join(it["id"] for it in task["data"]["items"])
+        t_id = _id("task", about)
         task.update({"id": t_id, "predictions": [], "project": 1})
         task["annotations"] = []
         for who in range(1, cfg.annotators + 1):
-            ann_id += 1
+            ann_id, n = _id("annotation", about, who, cfg.seed), n + 1
             if kind == "binary":
                 truth = scores[task["data"]["image_id"]] >= 0.5
                 said = bool(truth) != bool(rng.random() < cfg.noise)
@@ -106,5 +114,5 @@ def simulate_export(
                         "value": {"ranker": {RANKER: order}},
                     }
                 ]
-            task["annotations"].append(_annotation(ann_id, who, t_id, result, who))
+            task["annotations"].append(_annotation(ann_id, who, t_id, result, who, n))
     return tasks

@@ -1,0 +1,98 @@
+"""Two nights in one run store: the images of night 1 are reused, not redrawn; feedback piles up
+in the concept's inbox and each night ingests all of it, every annotation once; an unchanged
+inbox skips the feedback step and a new export re-runs it; a bad export never enters the inbox."""
+
+import json
+
+import pandas as pd
+import pytest
+
+from hfi_core.config import load_config
+from hfi_core.feedback.labelstudio import FeedbackError
+from hfi_core.steps import run_local_step
+from hfi_core.store import ImagePool, Inbox, LocalStore
+
+
+@pytest.fixture(scope="module")
+def nights(world, small_config, tmp_path_factory):
+    root = tmp_path_factory.mktemp("store")
+    path = small_config(root / "night.yaml")
+    one = load_config(path)
+    two = load_config(path, {"generation.images_per_prompt": 5})  # one more image per prompt: +25%
+    out = {}
+    for name, cfg in (("night-1", one), ("night-2", two)):
+        out[name] = {s: run_local_step(s, cfg, root / name, show_progress=False) for s in ("generate", "feedback")}
+    return {"root": root, "one": one, "two": two, **out}
+
+
+def _manifest(root, night):
+    return pd.read_parquet(root / night / "generate" / "manifest.parquet")
+
+
+def test_night_two_draws_only_its_new_images_and_reuses_the_same_bytes(nights):
+    root = nights["root"]
+    first, second = _manifest(root, "night-1"), _manifest(root, "night-2")
+    assert len(first) == 60 and len(second) == 75  # 15 prompts x 4, then x 5
+    assert nights["night-2"]["generate"]["reused"] == 60 and nights["night-2"]["generate"]["generated"] == 15
+    assert set(first.image_id) < set(second.image_id)
+    again = second.set_index("image_id").loc[first.image_id]
+    assert list(again.sha256) == list(first.sha256)  # the labelled image is the trained-on image
+    for uri in first.uri:
+        assert (root / "night-1" / "generate" / uri).read_bytes() == (root / "night-2" / "generate" / uri).read_bytes()
+    assert ImagePool(LocalStore(str(root))).ids() == set(second.image_id)
+
+
+def test_feedback_accumulates_in_the_inbox_and_night_two_trains_on_the_union(nights):
+    root = nights["root"]
+    inbox = Inbox(LocalStore(str(root)), "striped")
+    keys = inbox.keys()
+    assert len(keys) == 2 and all(k.startswith("feedback/striped/inbox/") for k in keys)
+    first = json.loads((root / keys[0]).read_bytes())
+    second = json.loads((root / keys[1]).read_bytes())
+    sizes = sorted([len(first), len(second)])
+    assert sizes == [15, 60]  # night 2's annotators labelled only the 15 new images
+    labels = pd.read_parquet(root / "night-2" / "feedback" / "labels.parquet")
+    assert set(labels.image_id) == set(_manifest(root, "night-2").image_id)
+    assert (labels.n_votes == 3).all() and (labels.n_annotators == 3).all()  # each annotation once
+    assert nights["night-2"]["feedback"]["labels"] == 75 * 3
+    assert nights["night-1"]["feedback"]["exports_added"] == 1 and nights["night-2"]["feedback"]["exports_added"] == 1
+
+
+def test_an_unchanged_inbox_skips_the_step_and_a_new_export_reruns_it(nights):
+    root, cfg = nights["root"], nights["two"]
+    again = run_local_step("feedback", cfg, root / "night-2", show_progress=False)
+    assert again["skipped"] is True  # nobody labelled anything new
+    # A later export from Label Studio: one more vote on an image already labelled three times.
+    manifest = _manifest(root, "night-2")
+    image = manifest.image_id[0]
+    export = [
+        {
+            "id": 1,
+            "data": {"image_id": image},
+            "annotations": [
+                {"id": 777, "completed_by": 9, "result": [{"type": "choices", "from_name": "concept",
+                                                          "value": {"choices": ["striped"]}}]},
+            ],
+        }
+    ]  # fmt: skip
+    Inbox(LocalStore(str(root)), "striped").add(json.dumps(export).encode())
+    rerun = run_local_step("feedback", cfg, root / "night-2", show_progress=False)
+    assert "skipped" not in rerun and rerun["labels"] == 75 * 3 + 1
+    labels = pd.read_parquet(root / "night-2" / "feedback" / "labels.parquet").set_index("image_id")
+    assert labels.loc[image, "n_votes"] == 4
+
+
+def test_a_bad_export_is_refused_by_name_and_never_enters_the_inbox(nights, tmp_path):
+    root = nights["root"]
+    bad = tmp_path / "export.json"
+    bad.write_text(json.dumps([{"id": 1, "data": {"image_id": "img_nope"}, "annotations": [
+        {"id": 5, "completed_by": 1, "result": [{"type": "choices", "from_name": "concept",
+                                                 "value": {"choices": ["striped"]}}]}]}]))  # fmt: skip
+    before = Inbox(LocalStore(str(root)), "striped").keys()
+    cfg = nights["two"].model_copy(
+        update={"feedback": nights["two"].feedback.model_copy(update={"source": "files", "files": [str(bad)]})}
+    )
+    with pytest.raises(FeedbackError, match=r"export.json: record 0, field 'data.image_id': unknown image id"):
+        run_local_step("feedback", cfg, root / "night-2", show_progress=False)
+    assert Inbox(LocalStore(str(root)), "striped").keys() == before
+    assert bad.read_text().startswith("[{")  # the raw input is left as it was
