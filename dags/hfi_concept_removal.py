@@ -16,13 +16,11 @@ import datetime as dt
 import sys
 from pathlib import Path
 
-from airflow.sdk import DAG, Asset, AssetOrTimeSchedule, CronTriggerTimetable
+from airflow.sdk import DAG, AssetOrTimeSchedule, CronTriggerTimetable
 
 # Airflow 3 puts only the config and plugins folders on sys.path, not the DAGs folder.
 sys.path.insert(0, str(Path(__file__).parent))
-from hfi_steps import STAGES, add_stages, default_args, params  # noqa: E402
-
-FEEDBACK_BATCH = Asset("hfi_feedback_batch", uri="file:///hfi/feedback/inbox")
+from hfi_steps import FEEDBACK_BATCH, STAGES, add_stages, default_args, params  # noqa: E402
 
 with DAG(
     dag_id="hfi_concept_removal",

@@ -1,16 +1,24 @@
-"""Generate a labeling batch and publish it for annotators (a Label Studio import file).
+"""Generate a labelling batch, publish it to annotators, and pull their labels as they come.
 
-The stages the table marks ``batch`` (generate -> publish), wired by its dependencies.
+generate -> publish -> pull_feedback
 
-The import file and labeling config land under the run's ``publish/`` prefix. When the
-annotators' export comes back and is dropped into the feedback inbox, whoever drops it records
-an event on the ``hfi_feedback_batch`` asset (Airflow's REST API or UI), which triggers
-``hfi_concept_removal``.
+- ``generate`` and ``publish`` are the stages the table marks ``batch``: the images (new ones
+  only: the store's image pool keeps every earlier night's) and the Label Studio import; with
+  ``feedback.labelstudio.url`` set, publish creates the concept's project once and imports
+  the batch's new tasks.
+- ``pull_feedback`` polls the project (``hfi feedback pull``) until annotations come in that the
+  concept's inbox does not hold, and adds the export to the inbox. Its success records an event
+  on the ``hfi_feedback_batch`` asset, which triggers ``hfi_concept_removal``; with nothing new
+  by the deadline it is skipped and records none.
+
+Teams without the API drop exports into the inbox themselves and record the asset event
+through Airflow's UI or REST API.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import os
 import sys
 from pathlib import Path
 
@@ -18,7 +26,7 @@ from airflow.sdk import DAG
 
 # Airflow 3 puts only the config and plugins folders on sys.path, not the DAGs folder.
 sys.path.insert(0, str(Path(__file__).parent))
-from hfi_steps import STAGES, add_stages, default_args, params  # noqa: E402
+from hfi_steps import FEEDBACK_BATCH, STAGES, add_stages, command_task, default_args, params, pull_argv  # noqa: E402
 
 with DAG(
     dag_id="hfi_feedback_collection",
@@ -31,4 +39,9 @@ with DAG(
     tags=["hfi", "feedback"],
     doc_md=__doc__,
 ) as dag:
-    add_stages([name for name, row in STAGES.items() if row["batch"]])
+    tasks = add_stages([name for name, row in STAGES.items() if row["batch"]])
+    wait = float(os.environ.get("HFI_PULL_WAIT_MINUTES", "720"))
+    pull = command_task(
+        "pull_feedback", pull_argv(), gpu=False, timeout_hours=wait / 60 + 0.5, outlets=[FEEDBACK_BATCH]
+    )
+    tasks["publish"] >> pull

@@ -26,6 +26,8 @@ import os
 import subprocess
 from pathlib import Path
 
+from airflow.sdk import Asset
+
 RUNNER = os.environ.get("HFI_STEP_RUNNER", "local")
 IMAGE = os.environ.get("HFI_IMAGE", "hfi-step:latest")
 HFI_BIN = os.environ.get("HFI_BIN", "hfi")
@@ -46,6 +48,10 @@ CONTEXT_ENV = {
 PASS_THROUGH = ("MLFLOW_TRACKING_URI", "HFI_S3_ENDPOINT_URL", "HFI_IMAGE_TAG", "HFI_GIT_COMMIT", "HFI_EXPERIMENT")
 
 log = logging.getLogger(__name__)
+
+
+FEEDBACK_BATCH = Asset("hfi_feedback_batch", uri="file:///hfi/feedback/inbox")
+"""New labels in a concept's inbox: ``pull_feedback`` records it, and it triggers the removal DAG."""
 
 
 def notify_failure(context: dict) -> None:
@@ -124,21 +130,41 @@ def run_argv(*argv: str) -> None:
     assert proc.stdout is not None
     for line in proc.stdout:
         log.info("%s", line.rstrip())
-    if proc.wait() != 0:
-        raise RuntimeError(f"hfi step {argv[2]} exited with {proc.returncode}")
+    if proc.wait() == NOTHING_NEW:
+        from airflow.exceptions import AirflowSkipException
+
+        raise AirflowSkipException("no new annotations")
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(argv[1:3])} exited with {proc.returncode}")
 
 
 def step_task(stage: str):
     """The operator running ``stage`` with the runner chosen by ``HFI_STEP_RUNNER``."""
-    argv = step_argv(stage)
     row = STAGES[stage]
-    common = dict(task_id=stage, execution_timeout=dt.timedelta(hours=row["timeout_hours"]))
+    return command_task(stage, step_argv(stage), gpu=row["gpu"], timeout_hours=row["timeout_hours"])
+
+
+def pull_argv() -> list[str]:
+    """``hfi feedback pull``: the Label Studio project's export into the concept's inbox."""
+    return [HFI_BIN, "feedback", "pull", *step_argv("feedback")[3:],
+            "--wait-minutes", os.environ.get("HFI_PULL_WAIT_MINUTES", "720"),
+            "--poll-seconds", os.environ.get("HFI_PULL_POLL_SECONDS", "60")]  # fmt: skip
+
+
+NOTHING_NEW = 99
+"""Exit code of ``hfi feedback pull`` when no new annotation came in: the task is skipped, and
+a skipped task records no asset event."""
+
+
+def command_task(task_id: str, argv: list[str], *, gpu: bool, timeout_hours: float, **extra):
+    """An operator running ``argv`` (an ``hfi`` command) with the runner chosen by ``HFI_STEP_RUNNER``."""
+    common = dict(task_id=task_id, execution_timeout=dt.timedelta(hours=timeout_hours), **extra)
     if RUNNER == "local":
         from airflow.providers.standard.operators.python import PythonOperator
 
         return PythonOperator(python_callable=run_argv, op_args=argv, **common)
     env = {**CONTEXT_ENV, **{k: os.environ[k] for k in PASS_THROUGH if k in os.environ}}
-    gpu = row["gpu"] and GPUS != "none"
+    gpu = gpu and GPUS != "none"
     count = -1 if GPUS in ("all", "none") else int(GPUS)
     if RUNNER == "docker":
         from airflow.providers.docker.operators.docker import DockerOperator
@@ -164,6 +190,7 @@ def step_task(stage: str):
             network_mode=os.environ.get("HFI_DOCKER_NETWORK", "bridge"),
             mount_tmp_dir=False,
             auto_remove="success",
+            skip_on_exit_code=NOTHING_NEW,
             device_requests=[DeviceRequest(count=count, capabilities=[["gpu"]])] if gpu else None,
             **common,
         )
@@ -174,7 +201,7 @@ def step_task(stage: str):
         secret = os.environ.get("HFI_K8S_SECRET")
         gpu_limit = str(max(count, 1))  # a pod asks for whole GPUs; "all" means one
         return KubernetesPodOperator(
-            name=f"hfi-{stage}",
+            name=f"hfi-{task_id}",
             namespace=os.environ.get("HFI_K8S_NAMESPACE", "hfi"),
             image=IMAGE,
             cmds=argv[:1],

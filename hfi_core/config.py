@@ -154,10 +154,8 @@ class LabelStudioConfig(Section):
     url: str | None = None
     """e.g. ``http://labelstudio:8080``; ``None``: publish writes the import file only."""
     project: str = ""
-    """Project title, created once per concept; empty: ``hfi <concept>``."""
-    image_url_prefix: str | None = None
-    """What image URLs start with for the server: ``None``: its local-files serving of the run
-    store's image folder; an ``s3://`` prefix: presigned URLs of the store's images."""
+    """Project title, created once per concept; empty: ``hfi <concept>``. Images reach the server
+    as presigned URLs of the run store's image pool on S3, else by its local-files serving."""
 
 
 class FeedbackConfig(Section):

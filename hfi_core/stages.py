@@ -66,25 +66,38 @@ def stage_publish(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any
     from hfi_core.feedback.labelstudio import import_batch
 
     run, fb = Path(run), cfg.feedback
-    manifest, urls = _batch(cfg, run)
+    manifest, urls = _batch(cfg, run, ctx)
     rows = manifest.to_dict("records")
     out = run / "publish"
     out.mkdir(parents=True, exist_ok=True)
     tasks, xml = import_batch(rows, urls, fb.kind, fb.positive_choice, fb.negative_choice, fb.ranking_group)
     (out / "tasks.json").write_text(json.dumps(tasks, indent=1))
     (out / "label_config.xml").write_text(xml)
-    return {"tasks": len(tasks), "kind": fb.kind, "import_file": str(out / "tasks.json")}
+    result: dict[str, Any] = {"tasks": len(tasks), "kind": fb.kind, "import_file": str(out / "tasks.json")}
+    if fb.labelstudio.url:
+        from hfi_core.feedback.labelstudio_api import project_title, publish
+
+        title = project_title(fb.labelstudio.project, cfg.concept.name)
+        sent = publish(fb.labelstudio.url, ctx.labelstudio_token, title, xml, tasks)
+        result |= {"labelstudio_project": sent["project"], "labelstudio_imported": sent["imported"],
+                   "labelstudio_already_there": sent["already_there"]}  # fmt: skip
+        (out / "labelstudio.json").write_text(json.dumps({"url": fb.labelstudio.url, "title": title, **sent}))
+    return result
 
 
-def _batch(cfg: RunConfig, run: Path) -> tuple[Any, Callable[[dict], str]]:
-    """The generated batch's manifest and the URL each image has in Label Studio."""
+def _batch(cfg: RunConfig, run: Path, ctx: StageContext | None = None) -> tuple[Any, dict[str, str]]:
+    """The generated batch's manifest and the URL each image has in Label Studio: under
+    ``feedback.image_store`` when set, else the image pool's URL (presigned on S3), else the
+    run folder's local-files URL."""
     from hfi_core.feedback.labelstudio import image_urls, local_files_prefix
     from hfi_core.images import read_manifest
 
     gen = Path(run) / "generate"
     manifest = read_manifest(gen / "manifest.parquet")
-    urls = image_urls(manifest.to_dict("records"), cfg.feedback.image_store or local_files_prefix(str(gen.resolve())))
-    return manifest, urls
+    rows = manifest.to_dict("records")
+    if cfg.feedback.image_store is None and ctx is not None and ctx.pool is not None:
+        return manifest, {r["image_id"]: ctx.pool.image_url(r["uri"]) for r in rows}
+    return manifest, image_urls(rows, cfg.feedback.image_store or local_files_prefix(str(gen.resolve())))
 
 
 def simulate_feedback(cfg: RunConfig, run: Path, dest: Path) -> dict[str, Any]:
@@ -97,6 +110,31 @@ def simulate_feedback(cfg: RunConfig, run: Path, dest: Path) -> dict[str, Any]:
     tmp.write_text(json.dumps(export, indent=1))
     tmp.replace(dest)
     return {"export": str(dest), "tasks": len(export), "annotations": sum(len(t["annotations"]) for t in export)}
+
+
+def simulate_in_labelstudio(cfg: RunConfig, run: Path, token: str | None, share: float = 1.0) -> dict[str, Any]:
+    """Toy world: the simulated people label the published batch in the Label Studio project,
+    through its API, each as their own user. They take the tasks nobody has labelled yet, in
+    manifest order, until ``share`` of the batch is labelled."""
+    from hfi_core.feedback.labelstudio_api import Project, project_title
+
+    fb = cfg.feedback
+    if not fb.labelstudio.url:
+        raise ValueError("feedback.labelstudio.url: empty; the simulated annotators have no server to label in")
+    if fb.kind != "binary":
+        raise ValueError("feedback.kind: the simulated Label Studio annotators label binary batches only")
+    manifest, urls = _batch(cfg, run)
+    project = Project.open(fb.labelstudio.url, token, project_title(fb.labelstudio.project, cfg.concept.name))
+    tasks = {t.data.get("image_id"): t for t in project.tasks()}
+    labelled = {i for i, t in tasks.items() if t.annotations}
+    want = max(0, round(share * len(manifest)) - len(labelled & set(manifest.image_id)))
+    todo = manifest[manifest.image_id.isin(set(tasks) - labelled)].head(want).reset_index(drop=True)
+    if todo.empty:
+        return {"annotations": 0, "images": 0, "labelled_before": len(labelled)}
+    from hfi_core.feedback.labelstudio_api import annotate_as
+
+    done = annotate_as(fb.labelstudio.url, token, project.title, _simulate(cfg, run, todo, urls))
+    return {**done, "images": len(todo), "labelled_before": len(labelled)}
 
 
 def _simulate(cfg: RunConfig, run: Path, manifest: Any, urls: dict[str, str]) -> list[dict]:
@@ -132,7 +170,7 @@ def collect_feedback(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, 
     fb, run = cfg.feedback, Path(run)
     if ctx.inbox is None:
         raise ValueError("feedback: this step has no run store, so no feedback inbox")
-    manifest, urls = _batch(cfg, run)
+    manifest, urls = _batch(cfg, run, ctx)
     settings, elsewhere = _ingest_settings(cfg), _elsewhere(manifest, ctx)
     new: list[tuple[bytes, str]] = []
     if fb.source == "files":
@@ -151,9 +189,13 @@ def collect_feedback(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, 
         if len(todo):
             new.append((json.dumps(_simulate(cfg, run, todo, urls), indent=1).encode(), ".json"))
     elif fb.source == "labelstudio":
-        from hfi_core.feedback.labelstudio_api import pull_export
+        from hfi_core.feedback.labelstudio_api import project_title, pull_export
 
-        data = pull_export(fb.labelstudio, cfg.concept.name, ctx.labelstudio_token)
+        if not fb.labelstudio.url:
+            raise ValueError("feedback.labelstudio.url: empty, and feedback.source is labelstudio")
+        data = pull_export(
+            fb.labelstudio.url, ctx.labelstudio_token, project_title(fb.labelstudio.project, cfg.concept.name)
+        )
         if data is not None:
             with _tmpdir() as tmp:
                 (Path(tmp) / "export.json").write_bytes(data)
@@ -177,7 +219,7 @@ def stage_feedback(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, An
     run = Path(run)
     if ctx.inbox is None:
         raise ValueError("feedback: this step has no run store, so no feedback inbox")
-    manifest, _ = _batch(cfg, run)
+    manifest, _ = _batch(cfg, run, ctx)
     sources = ctx.inbox.download(run / ".inbox")
     if not sources:
         raise ValueError(

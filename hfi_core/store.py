@@ -86,6 +86,10 @@ class Store:
     def uri(self, key: str = "") -> str:
         return f"{self.root}/{key}" if key else self.root
 
+    def presign(self, key: str, seconds: int) -> str | None:
+        """A URL anyone holding it may GET ``key`` with for ``seconds``; ``None`` where the store has none."""
+        return None
+
     # Built on the primitives.
     def upload_dir(self, folder: Path, prefix: str) -> list[str]:
         """Every file under ``folder`` to ``prefix/...`` (markers and dot-files skipped)."""
@@ -198,6 +202,18 @@ class ImagePool:
         """The image of a pool ``row`` to ``dest``."""
         self.store.download_file(f"{self.prefix}/{row['sha256']}.png", Path(dest))
 
+    def image_url(self, uri: str, seconds: int = 14 * 24 * 3600) -> str:
+        """The URL a Label Studio server shows the image ``images/<sha>.png`` by: a presigned GET
+        on S3 (valid ``seconds``: longer than people take to label a batch), else its local-files
+        serving of the pool's folder (``LOCAL_FILES_SERVING_ENABLED``)."""
+        name = uri.removeprefix("images/")
+        url = self.store.presign(f"{self.prefix}/{name}", seconds)
+        if url is not None:
+            return url
+        from hfi_core.feedback.labelstudio import local_files_prefix
+
+        return local_files_prefix((Path(self.store.root).resolve() / self.prefix).as_posix()) + name
+
     def put(self, row: dict[str, Any], path: Path) -> None:
         """Add an image: the PNG first, then its index row (a reader never finds a row without bytes)."""
         key = f"{self.prefix}/{row['sha256']}.png"
@@ -303,6 +319,11 @@ class S3Store(Store):
 
     def upload_file(self, path: Path, key: str) -> None:
         self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
+
+    def presign(self, key: str, seconds: int) -> str | None:
+        return self.client.generate_presigned_url(
+            "get_object", Params={"Bucket": self.bucket, "Key": self._key(key)}, ExpiresIn=seconds
+        )
 
     def download_file(self, key: str, path: Path) -> None:
         Path(path).parent.mkdir(parents=True, exist_ok=True)

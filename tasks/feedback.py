@@ -12,22 +12,99 @@ from tasks.common import add_config_args, add_runtime_args, load_run_config, set
 
 
 def register(group: Callable[..., argparse._SubParsersAction]) -> None:
-    s = group("feedback", "publish images for labeling, simulate annotators, ingest exports").add_parser(
+    sub = group("feedback", "publish images for labeling, simulate annotators, ingest exports")
+    p = sub.add_parser(
+        "pull",
+        help="pull the Label Studio project's export into the concept's feedback inbox; exits 99 if nothing is new",
+    )
+    p.add_argument("--config", required=True, help="run config: an absolute path or an s3:// URI")
+    p.add_argument("--run-uri", required=True, help="the night whose batch was published (s3://bucket/runs/NIGHT)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config field")
+    p.add_argument("--params-json", default="{}", metavar="JSON", help="overrides as one JSON object (the DAG's)")
+    p.add_argument("--env-file", type=Path, help="KEY=VALUE lines (credentials) for the environment")
+    p.add_argument("--wait-minutes", type=float, default=0, help="poll this long for new annotations (0: once)")
+    p.add_argument("--poll-seconds", type=float, default=60, help="between polls")
+    p.set_defaults(func=_pull)
+    s = sub.add_parser(
         "simulate", help="let the toy-world oracle play annotators; writes a Label Studio export of the run's batch"
     )
     add_config_args(s)
-    s.add_argument("--run", type=Path, required=True, help="run folder holding generate/")
-    s.add_argument("--out", type=Path, required=True, help="export JSON to write")
+    where = s.add_mutually_exclusive_group(required=True)
+    where.add_argument("--run", type=Path, help="local run folder holding generate/")
+    where.add_argument("--run-uri", help="a run in a store (s3://bucket/runs/NIGHT): its generate/ is fetched")
+    to = s.add_mutually_exclusive_group(required=True)
+    to.add_argument("--out", type=Path, help="export JSON to write")
+    to.add_argument(
+        "--labelstudio", action="store_true",
+        help="label in the Label Studio project instead, through its API (feedback.labelstudio.url; "
+        "token from $LABEL_STUDIO_API_KEY), each simulated person as a user",
+    )  # fmt: skip
+    s.add_argument("--share", type=float, default=1.0, help="with --labelstudio: label up to this share of the batch")
     add_runtime_args(s)
     s.set_defaults(func=_simulate)
 
 
+def _pull(args: argparse.Namespace) -> int:
+    """Poll until the project's export holds annotations the inbox does not, then add it."""
+    import os
+    import tempfile
+    import time
+
+    from tasks.step import params_overrides, read_env_file
+
+    if args.env_file:
+        os.environ.update(read_env_file(args.env_file))
+    from hfi_core.stages import StageContext, collect_feedback
+    from hfi_core.store import ImagePool, Inbox, S3Settings, Store
+
+    cfg = load_run_config(
+        args.config, args.set, {**params_overrides(args.params_json), "feedback.source": "labelstudio"}
+    )
+    if not cfg.feedback.labelstudio.url:
+        print("feedback.labelstudio.url is not set: nothing to pull. Without the API, drop exports into the "
+              "inbox and record an event on the hfi_feedback_batch asset (Airflow's UI or REST API).")  # fmt: skip
+        return 99
+    root, _, night = args.run_uri.rstrip("/").rpartition("/")
+    store = Store.open(root, S3Settings(endpoint_url=os.environ.get("HFI_S3_ENDPOINT_URL") or None))
+    ctx = StageContext(pool=ImagePool(store), inbox=Inbox(store, cfg.concept.name),
+                       labelstudio_token=os.environ.get("LABEL_STUDIO_API_KEY"))  # fmt: skip
+    deadline = time.time() + 60 * args.wait_minutes
+    with tempfile.TemporaryDirectory(prefix="hfi-pull-") as tmp:
+        run = Path(tmp) / night
+        if store.download_dir(f"{night}/generate", run / "generate") == 0:
+            raise ValueError(f"{args.run_uri}/generate: no generated batch there")
+        while True:
+            result = collect_feedback(cfg, run, ctx)
+            if result["exports_added"] or time.time() >= deadline:
+                break
+            time.sleep(args.poll_seconds)
+    print(json.dumps(result, indent=2))
+    return 0 if result["exports_added"] else 99
+
+
 def _simulate(args: argparse.Namespace) -> int:
     setup_runtime(args)
-    from hfi_core.stages import simulate_feedback
+    import os
+    import tempfile
 
+    from hfi_core.stages import simulate_feedback, simulate_in_labelstudio
+    from hfi_core.store import S3Settings, Store
+
+    if not 0 < args.share <= 1:
+        raise ValueError(f"--share {args.share}: must be in (0, 1]")
     cfg = load_run_config(args.config, args.set)
-    result = simulate_feedback(cfg, args.run, args.out)
+    with tempfile.TemporaryDirectory(prefix="hfi-simulate-") as tmp:
+        run = args.run
+        if run is None:
+            root, _, night = args.run_uri.rstrip("/").rpartition("/")
+            store = Store.open(root, S3Settings(endpoint_url=os.environ.get("HFI_S3_ENDPOINT_URL") or None))
+            run = Path(tmp) / night
+            if store.download_dir(f"{night}/generate", run / "generate") == 0:
+                raise ValueError(f"{args.run_uri}/generate: no generated batch there")
+        if args.labelstudio:
+            result = simulate_in_labelstudio(cfg, run, os.environ.get("LABEL_STUDIO_API_KEY"), args.share)
+        else:
+            result = simulate_feedback(cfg, run, args.out)
     sim = cfg.feedback.simulate
     print(json.dumps({**result, "annotators": sim.annotators, "noise": sim.noise}, indent=2))
     return 0

@@ -36,9 +36,14 @@ def test_the_dags_tasks_and_edges_are_the_stage_tables(bag):
         assert task.upstream_task_ids == set(st.upstream), name
         assert task.execution_timeout.total_seconds() == st.timeout_hours * 3600, name
     batch = bag.dags["hfi_feedback_collection"]
-    assert {t.task_id for t in batch.tasks} == {n for n, st in STAGES.items() if st.batch}
-    for task in batch.tasks:
+    stages = [t for t in batch.tasks if t.task_id != "pull_feedback"]
+    assert {t.task_id for t in stages} == {n for n, st in STAGES.items() if st.batch}
+    for task in stages:
         assert task.upstream_task_ids == set(STAGES[task.task_id].upstream) & {t.task_id for t in batch.tasks}
+    # The pull after publish is what records the asset event that triggers the removal DAG.
+    pull = batch.get_task("pull_feedback")
+    assert pull.upstream_task_ids == {"publish"}
+    assert [a.name for a in pull.outlets] == ["hfi_feedback_batch"]
     assert "hfi" in dag.tags and dag.catchup is False and dag.max_active_runs == 1
 
 

@@ -26,3 +26,18 @@ def test_a_bad_line_is_refused_naming_file_and_line_but_not_the_value(tmp_path, 
     with pytest.raises(ValueError, match=r"hfi-env: line 2: expected KEY=VALUE") as e:
         read_env_file(f)
     assert "s3cr3t" not in str(e.value)  # a secret never reaches a log
+
+
+@pytest.mark.parametrize("config", ["", "configs/toyworld-striped.yaml"])
+def test_a_step_without_an_absolute_config_says_in_one_line_where_a_scheduled_run_finds_one(
+    config, tmp_path, capsys
+):
+    # A scheduled run has no conf; with neither HFI_CONFIG nor the hfi_config Variable set, the
+    # DAG renders an empty --config. A relative path would be read from a worker's temporary folder.
+    from tasks.cli import main
+
+    assert main(["step", "generate", "--config", config, "--run-uri", str(tmp_path / "night")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "absolute path or an s3:// URI" in err
+    assert "HFI_CONFIG" in err and "hfi_config" in err
+    assert not (tmp_path / "night").exists()
