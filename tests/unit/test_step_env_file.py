@@ -29,9 +29,7 @@ def test_a_bad_line_is_refused_naming_file_and_line_but_not_the_value(tmp_path, 
 
 
 @pytest.mark.parametrize("config", ["", "configs/toyworld-striped.yaml"])
-def test_a_step_without_an_absolute_config_says_in_one_line_where_a_scheduled_run_finds_one(
-    config, tmp_path, capsys
-):
+def test_a_step_without_an_absolute_config_says_in_one_line_where_a_scheduled_run_finds_one(config, tmp_path, capsys):
     # A scheduled run has no conf; with neither HFI_CONFIG nor the hfi_config Variable set, the
     # DAG renders an empty --config. A relative path would be read from a worker's temporary folder.
     from tasks.cli import main
