@@ -4,14 +4,25 @@ VENV := .venv
 PY := $(VENV)/bin/python
 HFI := $(VENV)/bin/hfi
 STAMP := $(VENV)/.installed
+# Label Studio's server pins packages that clash with Airflow's: it gets a virtual environment of
+# its own. Only its client (label-studio-sdk) lives in .venv.
+LS_VENV := .venv-labelstudio
+LS_STAMP := $(LS_VENV)/.installed
 # One torch thread: with anything else busy, 2 threads ran 4-7x slower on a 2-core machine.
 export OMP_NUM_THREADS ?= 1
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: venv demo test system lint check world verify clean
+.PHONY: venv labelstudio demo test system lint check world verify clean
 
 venv: $(STAMP)
+
+labelstudio: $(LS_STAMP)
+
+$(LS_STAMP):
+	test -x $(LS_VENV)/bin/python || python3 -m venv $(LS_VENV)
+	$(LS_VENV)/bin/pip install -q --disable-pip-version-check label-studio==1.23.2
+	touch $@
 
 # torch first, on its own: it must be the CPU wheel, never a multi-GB CUDA build.
 $(STAMP): requirements.txt setup.cfg pyproject.toml
@@ -27,18 +38,20 @@ demo: $(STAMP)
 	$(PY) -m tasks.demo
 
 ## test: the whole test suite, two workers (one per core; each test module stays on one worker)
-test: $(STAMP) system
+test: $(STAMP) $(LS_STAMP) system
 	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
 
-# Debian packages the container test needs (a Docker engine, debootstrap for the local base
-# image). Installed when missing and when we may; otherwise that test skips and says why.
+# Debian packages the end-to-end tests need: a Docker engine and debootstrap (the local base
+# image), Chromium (the MLflow UI check). Installed when missing and when we may; otherwise those
+# tests skip and say why.
+SYSTEM_PACKAGES := docker.io debootstrap chromium
 system:
-	@if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null; then \
+	@if ! command -v dockerd >/dev/null || ! command -v debootstrap >/dev/null || ! command -v chromium >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null \
-	      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq docker.io debootstrap >/dev/null; } \
-	      || echo "could not install docker.io/debootstrap: the container test will skip"; \
-	  else echo "no root or apt-get: docker.io/debootstrap not installed; the container test will skip"; fi; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null \
+	      || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(SYSTEM_PACKAGES) >/dev/null; } \
+	      || echo "could not install $(SYSTEM_PACKAGES): the container and browser tests will skip"; \
+	  else echo "no root or apt-get: $(SYSTEM_PACKAGES) not installed; the container and browser tests will skip"; fi; \
 	fi
 
 lint: $(STAMP)
@@ -49,4 +62,4 @@ world: $(STAMP)
 	$(HFI) toyworld build --out toyworld-build
 
 clean:
-	rm -rf $(VENV) .pytest_cache toyworld-build
+	rm -rf $(VENV) $(LS_VENV) .pytest_cache toyworld-build

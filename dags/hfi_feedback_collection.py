@@ -28,9 +28,12 @@ from airflow.sdk import DAG
 sys.path.insert(0, str(Path(__file__).parent))
 from hfi_steps import FEEDBACK_BATCH, STAGES, add_stages, command_task, default_args, params, pull_argv  # noqa: E402
 
+# Weekday evenings, or the deployment's HFI_BATCH_SCHEDULE (a cron string; "none": on demand).
+CRON = os.environ.get("HFI_BATCH_SCHEDULE", "0 20 * * 1-5")
+
 with DAG(
     dag_id="hfi_feedback_collection",
-    schedule="0 20 * * 1-5",
+    schedule=None if CRON == "none" else CRON,
     start_date=dt.datetime(2026, 1, 1, tzinfo=dt.UTC),
     catchup=False,
     max_active_runs=1,

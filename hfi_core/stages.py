@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from hfi_core.config import RunConfig
-from hfi_core.store import ImagePool, Inbox
+from hfi_core.store import FolderCache, ImagePool, Inbox
 
 
 @dataclass
@@ -51,6 +51,8 @@ class StageContext:
     """The concept's feedback inbox (``feedback`` ingests it whole)."""
     labelstudio_token: str | None = None
     """The Label Studio API token, from the step's environment (never from a config)."""
+    cache: FolderCache | None = None
+    """Evaluations of models no night trains (the base model, inference-time baselines)."""
 
 
 def stage_generate(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
@@ -382,15 +384,55 @@ def stage_evaluate(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, An
     run = Path(run)
     out = run / "evaluate"
     results: dict[str, dict] = {}
-    results["sd"], base_images = evaluate(cfg, Variant("sd"), out / "sd")
-    variants = [Variant("distilled", unet=str(run / "distill" / "unet"))]
-    variants += [Variant(b, inference=b) for b in cfg.evaluate.baselines]
-    for v in variants:
-        results[v.name], _ = evaluate(cfg, v, out / v.name, base_images=base_images)
+    # The base model and the inference-time baselines are the same every night on the same
+    # seeds: measured once per store and evaluation setup, then read back (with their images,
+    # which the other variants' drift is measured against).
+    fixed = [Variant("sd")] + [Variant(b, inference=b) for b in cfg.evaluate.baselines]
+    base_images = None
+    for v in fixed:
+        key = _evaluation_key(cfg, v)
+        if ctx.cache is not None and ctx.cache.get(key, out / v.name):
+            results[v.name] = json.loads((out / v.name / "metrics.json").read_text())
+            images = np.load(out / v.name / "images.npz")["images"]
+        else:
+            results[v.name], images = evaluate(cfg, v, out / v.name, base_images=base_images)
+            np.savez_compressed(out / v.name / "images.npz", images=images)
+            if ctx.cache is not None:
+                ctx.cache.put(key, out / v.name)
+        base_images = images if v.name == "sd" else base_images
+    trained = Variant("distilled", unet=str(run / "distill" / "unet"))
+    results[trained.name], _ = evaluate(cfg, trained, out / trained.name, base_images=base_images)
+    results = {name: results[name] for name in ["sd", "distilled", *cfg.evaluate.baselines]}
     summary = {name: m["groups"] for name, m in results.items()}
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     (out / "summary.md").write_text(summary_table(summary))
     return summary
+
+
+_EVALUATION_CODE = ("evaluation.py", "sampling.py", "models.py", "embeddings.py", "nudity.py", "distill/outputs.py")
+"""The modules an evaluation's numbers come from: a change to any of them measures afresh."""
+
+
+def _evaluation_key(cfg: RunConfig, variant: Any) -> str:
+    """Everything a fixed variant's evaluation depends on: model, prompts, sampler, evaluators."""
+    import hashlib
+    from dataclasses import asdict
+
+    from hfi_core.models import model_identity
+
+    here = Path(__file__).parent
+    code = hashlib.sha256(b"".join((here / f).read_bytes() for f in _EVALUATION_CODE)).hexdigest()
+    g = cfg.generation
+    what = {
+        "code": code,
+        "variant": asdict(variant),
+        "model": model_identity(cfg.model),
+        "prompts": [(ps.group, ps.prompts) for ps in cfg.prompts],
+        "sampler": [g.scheduler, g.steps, g.guidance, g.height, g.width],
+        "evaluate": cfg.evaluate.model_dump(mode="json"),
+        "concept": cfg.concept.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def stage_register(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from typing import Any
 
 from hfi_core.config import RunConfig, config_hash
 from hfi_core.stages import STAGES, StageContext, grids, headline, stage
-from hfi_core.store import RESERVED, ImagePool, Inbox, LocalStore, Store, tree_hashes
+from hfi_core.store import RESERVED, FolderCache, ImagePool, Inbox, LocalStore, Store, tree_hashes
 
 ARTIFACT_SUFFIXES = (".png", ".md", ".json", ".xml")
 
@@ -99,7 +99,8 @@ def run_step(
     prefix = _join(run_prefix, name)
     scratch = Path(scratch)
     ctx = StageContext(show_progress=show_progress and st.progress, resume=resume, pool=ImagePool(store),
-                       inbox=Inbox(store, cfg.concept.name), labelstudio_token=labelstudio_token)  # fmt: skip
+                       inbox=Inbox(store, cfg.concept.name), labelstudio_token=labelstudio_token,
+                       cache=FolderCache(store, "evaluate"))  # fmt: skip
     step_inputs(name, cfg, store, run_prefix)  # every upstream stage has finished
     collected = None
     if st.collect is not None:

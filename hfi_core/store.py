@@ -10,6 +10,7 @@ every night of a deployment::
     feedback/<concept>/inbox/<sha256>.json  raw exports (``Inbox``): named by their bytes, never rewritten
     images/<sha256>.png                   every image ever drawn (``ImagePool``), shared by the nights
     images/index/<image_id>.json          its manifest row: a night that asks for it again reuses it
+    cache/<kind>/<key>/...                what every night would compute alike (``FolderCache``)
 
 A stage that dies leaves no marker, so nothing half-written is ever taken as complete; a retry
 whose marker lists the same input hashes is skipped. On S3 every object is written whole by a
@@ -127,7 +128,7 @@ def _slug(text: str) -> str:
     return slug
 
 
-RESERVED = ("feedback", "images")
+RESERVED = ("feedback", "images", "cache")
 """Top-level names of the store that are not nights."""
 
 
@@ -220,6 +221,28 @@ class ImagePool:
         if not self.store.exists(key):
             self.store.upload_file(Path(path), key)
         self.store.write_bytes(f"{self.prefix}/index/{row['image_id']}.json", json.dumps(row, default=str).encode())
+
+
+class FolderCache:
+    """Folders keyed by the hash of what made them, for results every night would compute alike
+    (the base model's evaluation on fixed seeds). A folder counts only once its marker is there."""
+
+    def __init__(self, store: Store, kind: str) -> None:
+        self.store = store
+        self.prefix = f"cache/{kind}"
+
+    def get(self, key: str, folder: Path) -> bool:
+        """Fill ``folder`` with the entry ``key``; ``False`` when there is none."""
+        prefix = f"{self.prefix}/{key}"
+        if self.store.success(prefix) is None:
+            return False
+        self.store.download_dir(prefix, Path(folder))
+        return True
+
+    def put(self, key: str, folder: Path) -> None:
+        prefix = f"{self.prefix}/{key}"
+        self.store.upload_dir(Path(folder), prefix)
+        self.store.mark_success(prefix, {"key": key}, tree_hashes(Path(folder)))
 
 
 class LocalStore(Store):

@@ -393,7 +393,7 @@ def ingest(
         "kind": settings.kind,
         "sources": len(earlier) + len(new),
         "new_sources": len(new),
-        "labels": len(parsed),
+        "labels": len({x.annotation_id for x in parsed}),  # an annotation two exports hold counts once
         "labels_outside_batch": outside,
         "rows": len(table),
         "output": str(out / name),

@@ -9,6 +9,7 @@ import pytest
 
 from hfi_core.config import load_config
 from hfi_core.feedback.labelstudio import FeedbackError
+from hfi_core.stages import STAGES, _evaluation_key
 from hfi_core.steps import run_local_step
 from hfi_core.store import ImagePool, Inbox, LocalStore
 
@@ -21,7 +22,7 @@ def nights(world, small_config, tmp_path_factory):
     two = load_config(path, {"generation.images_per_prompt": 5})  # one more image per prompt: +25%
     out = {}
     for name, cfg in (("night-1", one), ("night-2", two)):
-        out[name] = {s: run_local_step(s, cfg, root / name, show_progress=False) for s in ("generate", "feedback")}
+        out[name] = {s: run_local_step(s, cfg, root / name, show_progress=False) for s in STAGES}
     return {"root": root, "one": one, "two": two, **out}
 
 
@@ -96,3 +97,20 @@ def test_a_bad_export_is_refused_by_name_and_never_enters_the_inbox(nights, tmp_
         run_local_step("feedback", cfg, root / "night-2", show_progress=False)
     assert Inbox(LocalStore(str(root)), "striped").keys() == before
     assert bad.read_text().startswith("[{")  # the raw input is left as it was
+
+
+def test_the_base_model_is_evaluated_once_per_store_and_every_night_reads_it_back(nights):
+    from hfi_core.evaluation import Variant
+
+    root = nights["root"]
+    entries = sorted(p.parent.name for p in (root / "cache" / "evaluate").glob("*/_SUCCESS"))
+    key = _evaluation_key(nights["one"], Variant("sd"))
+    assert entries == [key]  # night 2 asked for more images, not for another evaluation
+    assert _evaluation_key(nights["two"], Variant("sd")) == key
+    other = nights["two"].model_copy(update={"evaluate": nights["two"].evaluate.model_copy(update={"seed": 7})})
+    assert _evaluation_key(other, Variant("sd")) != key
+    one, two = (json.loads((root / n / "evaluate" / "summary.json").read_text()) for n in ("night-1", "night-2"))
+    assert one["sd"] == two["sd"] and set(two) == {"sd", "distilled"}
+    # Without a registry there is no champion to challenge: the verdict says so.
+    reg = json.loads((root / "night-2" / "register" / "registration.json").read_text())
+    assert reg["champion"] is False and reg["reason"].startswith("not tracked")

@@ -26,7 +26,7 @@ def test_step_images_run_as_a_non_root_user_with_hfi_as_entrypoint_and_a_base_im
 
 def test_the_local_stack_binds_to_localhost_and_writes_no_secret():
     compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
-    assert {"postgres", "minio", "mlflow", "airflow"} <= set(compose["services"])
+    assert {"postgres", "minio", "mlflow", "labelstudio", "airflow"} <= set(compose["services"])
     for name, service in compose["services"].items():
         for port in service.get("ports", []):
             assert port.startswith("127.0.0.1:"), (name, port)
