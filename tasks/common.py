@@ -57,3 +57,17 @@ def load_run_config(path: str | os.PathLike, overrides: list[str], extra: dict |
     from hfi_core.config import load_config
 
     return load_config(path, {**parse_overrides(overrides), **(extra or {})})
+
+
+def local_config(config: str, tmp: str | os.PathLike, s3: object) -> str:
+    """The config as a local path: an ``s3://`` URI is downloaded into ``tmp`` first."""
+    if not config.startswith("s3://"):
+        return config
+    from pathlib import Path
+
+    from hfi_core.store import Store
+
+    bucket_root, _, key = config.rpartition("/")
+    path = Path(tmp) / key
+    Store.open(bucket_root, s3).download_file(key, path)
+    return str(path)

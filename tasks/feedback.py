@@ -8,7 +8,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from tasks.common import add_config_args, add_runtime_args, load_run_config, setup_runtime
+from tasks.common import add_config_args, add_runtime_args, load_run_config, local_config, setup_runtime
 
 
 def register(group: Callable[..., argparse._SubParsersAction]) -> None:
@@ -57,15 +57,16 @@ def _pull(args: argparse.Namespace) -> int:
     from hfi_core.stages import StageContext, collect_feedback
     from hfi_core.store import ImagePool, Inbox, S3Settings, Store
 
-    cfg = load_run_config(
-        args.config, args.set, {**params_overrides(args.params_json), "feedback.source": "labelstudio"}
-    )
+    s3 = S3Settings(endpoint_url=os.environ.get("HFI_S3_ENDPOINT_URL") or None)
+    with tempfile.TemporaryDirectory(prefix="hfi-pull-") as tmp:
+        overrides = {**params_overrides(args.params_json), "feedback.source": "labelstudio"}
+        cfg = load_run_config(local_config(args.config, tmp, s3), args.set, overrides)
     if not cfg.feedback.labelstudio.url:
         print("feedback.labelstudio.url is not set: nothing to pull. Without the API, drop exports into the "
               "inbox and record an event on the hfi_feedback_batch asset (Airflow's UI or REST API).")  # fmt: skip
         return 99
     root, _, night = args.run_uri.rstrip("/").rpartition("/")
-    store = Store.open(root, S3Settings(endpoint_url=os.environ.get("HFI_S3_ENDPOINT_URL") or None))
+    store = Store.open(root, s3)
     ctx = StageContext(pool=ImagePool(store), inbox=Inbox(store, cfg.concept.name),
                        labelstudio_token=os.environ.get("LABEL_STUDIO_API_KEY"))  # fmt: skip
     deadline = time.time() + 60 * args.wait_minutes

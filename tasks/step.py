@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from tasks.common import add_runtime_args, load_run_config, setup_runtime
+from tasks.common import add_runtime_args, load_run_config, local_config, setup_runtime
 
 
 def register(top: argparse._SubParsersAction) -> None:
@@ -111,12 +111,7 @@ def run(args: argparse.Namespace) -> int:
             "from the deployment: set HFI_CONFIG on the scheduler and workers, or the Airflow Variable hfi_config)"
         )
     with tempfile.TemporaryDirectory(prefix="hfi-step-") as tmp:
-        config_path = Path(args.config)
-        if args.config.startswith("s3://"):
-            bucket_root, _, key = args.config.rpartition("/")
-            config_path = Path(tmp) / key
-            Store.open(bucket_root, s3).download_file(key, config_path)
-        cfg = load_run_config(config_path, args.set, params_overrides(args.params_json))
+        cfg = load_run_config(local_config(args.config, tmp, s3), args.set, params_overrides(args.params_json))
         scratch = args.scratch or (Path(args.run_uri) if not args.run_uri.startswith("s3://") else Path(tmp) / "run")
         tracking = None
         args.tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # maybe from --env-file

@@ -284,7 +284,7 @@ def nights(dockerd, step_image, services, labelstudio, small_config, free_port, 
     before = _listeners()
     seen: set[str] = set()
     procs = [
-        _start([str(BIN / "airflow"), "api-server", "--host", "127.0.0.1", "--port", str(api_port)], env,
+        _start([str(BIN / "airflow"), "api-server", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"], env,
                tmp / "api-server.log"),
         _start([str(BIN / "airflow"), "scheduler", "--skip-serve-logs"], env, tmp / "scheduler.log"),
         _start([str(BIN / "airflow"), "dag-processor"], env, tmp / "dag-processor.log"),
