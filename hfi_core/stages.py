@@ -116,8 +116,8 @@ def simulate_feedback(cfg: RunConfig, run: Path, dest: Path) -> dict[str, Any]:
 
 def simulate_in_labelstudio(cfg: RunConfig, run: Path, token: str | None, share: float = 1.0) -> dict[str, Any]:
     """Toy world: the simulated people label the published batch in the Label Studio project,
-    through its API, each as their own user. They take the tasks nobody has labelled yet, in
-    manifest order, until ``share`` of the batch is labelled."""
+    through its API, each as their own user. They take tasks nobody has labelled yet, in a
+    seeded shuffled order, until ``share`` of the batch is labelled."""
     from hfi_core.feedback.labelstudio_api import Project, project_title
 
     fb = cfg.feedback
@@ -130,7 +130,10 @@ def simulate_in_labelstudio(cfg: RunConfig, run: Path, token: str | None, share:
     tasks = {t.data.get("image_id"): t for t in project.tasks()}
     labelled = {i for i, t in tasks.items() if t.annotations}
     want = max(0, round(share * len(manifest)) - len(labelled & set(manifest.image_id)))
-    todo = manifest[manifest.image_id.isin(set(tasks) - labelled)].head(want).reset_index(drop=True)
+    # People work through a shuffled queue, not the batch's prompt order: a part of the batch
+    # holds images of every group (seeded, so the same call labels the same images).
+    queue = manifest[manifest.image_id.isin(set(tasks) - labelled)].sample(frac=1.0, random_state=fb.simulate.seed)
+    todo = queue.head(want).reset_index(drop=True)
     if todo.empty:
         return {"annotations": 0, "images": 0, "labelled_before": len(labelled)}
     from hfi_core.feedback.labelstudio_api import annotate_as

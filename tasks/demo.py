@@ -70,6 +70,8 @@ def main() -> int:
         print(f"\n== {night} ({time.time() - t:.0f} s) ==" + report(run), flush=True)
     print(f"done in {time.time() - t0:.0f} s. Browse the nights side by side:")
     print(f"  {BIN / 'mlflow'} ui --backend-store-uri sqlite:///{demo / 'mlflow.db'} --host 127.0.0.1 --port 5000")
+    print("  then http://127.0.0.1:5000: experiment hfi-demo lists one run per night; tick both and press")
+    print("  Compare for their headline metrics side by side (labels_used, reward_auc, concept_rate, ...)")
     return 0
 
 

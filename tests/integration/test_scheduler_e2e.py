@@ -443,20 +443,37 @@ def test_nothing_listened_beyond_127_0_0_1_and_no_credential_reached_airflow(nig
     assert SECRET not in nights["logs"] and LS_TOKEN not in nights["logs"]
 
 
-def test_the_mlflow_ui_shows_both_nights_with_their_headline_metrics(nights, tmp_path):
+def test_the_mlflow_ui_shows_both_nights_and_compares_their_headline_metrics(nights, tmp_path):
     chromium = shutil.which("chromium")
     if chromium is None:
         pytest.skip("no chromium (make test installs Debian's chromium)")
+    import urllib.parse
+
     client = MlflowClient(nights["mlflow"])
     exp = client.get_experiment_by_name("hfi-nightly")
-    url = f"{nights['mlflow']}/#/experiments/{exp.experiment_id}/runs"
-    shot = nights["tmp"] / "mlflow-ui.png"
-    common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1800,1000",
+    parents = client.search_runs(
+        [exp.experiment_id], "tags.`hfi.level` = 'parent' and tags.`airflow.dag_id` = 'hfi_concept_removal'"
+    )
+    names = [f"striped · {n.replace(':', '').replace('+', '')}" for n in nights["nights"]]
+    shots = ROOT / "test-artifacts"  # kept after the run (git-ignored), for people to look at
+    shots.mkdir(exist_ok=True)
+    common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1800,1400",
               "--virtual-time-budget=20000", f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
-    subprocess.run([*common, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
-    dom = subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120, check=True).stdout
-    assert shot.exists() and shot.stat().st_size > 10_000
-    for night in nights["nights"]:
-        assert f"striped · {night.replace(':', '').replace('+', '')}" in dom
-    for column in ("concept_rate", "labels_used", "reward_auc"):
-        assert column in dom, column
+
+    def page(url: str, shot: Path) -> str:
+        subprocess.run([*common, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
+        assert shot.exists() and shot.stat().st_size > 10_000
+        return subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120,
+                              check=True).stdout  # fmt: skip
+
+    # The experiment opens on its runs table (not the GenAI overview), one row per night.
+    table = page(f"{nights['mlflow']}/#/experiments/{exp.experiment_id}/runs", shots / "mlflow-runs.png")
+    assert "Training runs" in table and all(name in table for name in names)
+    # The nights side by side: MLflow's compare view of the two parents, headline metrics as rows.
+    ids = urllib.parse.quote(json.dumps([p.info.run_id for p in parents]))
+    compare = page(f"{nights['mlflow']}/#/compare-runs?runs={ids}&experiments=%5B%22{exp.experiment_id}%22%5D",
+                   shots / "mlflow-compare.png")  # fmt: skip
+    assert all(name in compare for name in names)
+    for metric in ("labels_used", "reward_auc", "concept_rate", "preservation_drop", "promoted",
+                   "target_explicit.concept_after"):  # fmt: skip
+        assert metric in compare, metric
