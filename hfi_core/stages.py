@@ -495,9 +495,11 @@ def headline(name: str, result: dict[str, Any], cfg: RunConfig) -> dict[str, flo
                 out[f"{tag}.concept_before"], out[f"{tag}.concept_after"] = before[key], after.get(key, float("nan"))
         return out
     if name == "register":
-        night = result["night"]
-        return {"concept_rate": night["concept_rate"], "preservation_drop": night["preservation_drop"],
-                "promoted": float(result["champion"]), "gates_passed": float(result["gates_passed"])}  # fmt: skip
+        night, champion = result["night"], result.get("previous_champion") or {}
+        out = {"concept_rate": night["concept_rate"], "preservation_drop": night["preservation_drop"],
+               "promoted": float(result["champion"]), "gates_passed": float(result["gates_passed"])}  # fmt: skip
+        out |= {f"champion_{k}": champion[k] for k in ("concept_rate", "preservation_drop") if k in champion}
+        return out
     return {}
 
 
