@@ -213,7 +213,8 @@ def parse_source(
                 image_id = check.image_id(data.get("image_id"), name, i, "data.image_id")
                 check.image_url(data.get(IMAGE), image_id, name, i, f"data.{IMAGE}")
                 label = check.label(choices_of(ann, name, i, CONTROL), name, i, f"result[{CONTROL}].choices")
-                out.append(Vote(name, i, ann_id, who, image_id, label))
+                when = ann.get("updated_at") if isinstance(ann.get("updated_at"), str) else None
+                out.append(Vote(name, i, ann_id, who, image_id, label, when))
             else:
                 order = ranking_of(ann, name, i, RANKER)
                 ids = tuple(check.image_id(x, name, i, "result.value.ranker") for x in order)
@@ -268,12 +269,21 @@ def parse_source(
 def aggregate_votes(votes: list[Vote]) -> pd.DataFrame:
     """One row per image: mean label, majority, votes, annotators, agreement with the majority.
 
-    The same annotation id seen twice (overlapping exports) counts once; seen with two different
-    labels it is a contradiction and an error.
+    The same annotation id seen twice (overlapping exports) counts once. Seen with two different
+    labels, the later ``updated_at`` wins where both exports carry one (an edit in Label Studio);
+    otherwise it is a contradiction and an error.
     """
     by_id: dict[str, Vote] = {}
     for v in votes:
         prev = by_id.get(v.annotation_id)
+        if (
+            prev is not None and prev.image_id == v.image_id and prev.updated_at and v.updated_at
+            and prev.updated_at != v.updated_at
+        ):  # fmt: skip
+            # The same annotation in two exports: an annotator edited it; the later save wins.
+            if v.updated_at > prev.updated_at:
+                by_id[v.annotation_id] = v
+            continue
         if prev is not None and (prev.label != v.label or prev.image_id != v.image_id):
             raise FeedbackError(
                 v.source, v.record, "annotation_id",

@@ -44,6 +44,9 @@ class Vote:
     annotator: str
     image_id: str
     label: int  # 1: shows the concept
+    updated_at: str | None = None
+    """When the annotation was last saved (full JSON exports): a later export of an edited
+    annotation carries the same id with a later time, and that edit wins."""
 
 
 @dataclass(frozen=True)

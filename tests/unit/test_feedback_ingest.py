@@ -183,3 +183,28 @@ def test_cli_prints_one_line_and_exits_2_on_bad_input(tmp_path, capsys, manifest
     assert code == 2 and err.count("\n") == 0 and err.startswith(f"hfi: error: {bad}: invalid JSON")
     assert not (run / "feedback").exists()
     shutil.rmtree(tmp_path / "in")
+
+
+@pytest.mark.parametrize("order", ["earlier first", "later first"])
+def test_an_annotation_edited_in_label_studio_counts_with_its_later_label(manifest, tmp_path, order):
+    # Two pulls of the same project: between them an annotator changed annotation 41 from
+    # striped to not striped. The export with the later updated_at wins, in either order.
+    def export(label: str, when: str) -> list[dict]:
+        ann = {"id": 41, "completed_by": 4, "was_cancelled": False, "updated_at": when,
+               "result": [{"type": "choices", "from_name": "concept", "value": {"choices": [label]}}]}  # fmt: skip
+        return [{"id": 1, "data": {"image_id": "img_b"}, "annotations": [ann]}]
+
+    first = tmp_path / "pull1.json"
+    first.write_text(json.dumps(export("striped", "2026-11-01T10:00:00.000000Z")))
+    second = tmp_path / "pull2.json"
+    second.write_text(json.dumps(export("not striped", "2026-11-02T09:00:00.000000Z")))
+    sources = [first, second] if order == "earlier first" else [second, first]
+    summary = ingest(manifest, sources, tmp_path / "out", SETTINGS)
+    labels = pd.read_parquet(tmp_path / "out" / LABELS).set_index("image_id")
+    assert labels.loc["img_b", "label"] == 0 and labels.loc["img_b", "n_votes"] == 1
+    assert summary["labels"] == 1
+    # The same time with two labels is a contradiction, not an edit.
+    clash = tmp_path / "pull3.json"
+    clash.write_text(json.dumps(export("striped", "2026-11-02T09:00:00.000000Z")))
+    with pytest.raises(FeedbackError, match=r"annotation '41' appears twice with different labels"):
+        ingest(manifest, [second, clash], tmp_path / "out2", SETTINGS)
