@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from hfi_core.config import RunConfig
-from hfi_core.store import FolderCache, ImagePool, Inbox
+from hfi_core.store import FolderCache, ImagePool, Inbox, Store
 
 
 @dataclass
@@ -53,6 +53,12 @@ class StageContext:
     """The Label Studio API token, from the step's environment (never from a config)."""
     cache: FolderCache | None = None
     """Evaluations of models no night trains (the base model, inference-time baselines)."""
+
+    @staticmethod
+    def on(store: Store, cfg: RunConfig, **kw: Any) -> StageContext:
+        """The context of a step against ``store``: its image pool, the concept's inbox, the cache."""
+        return StageContext(pool=ImagePool(store), inbox=Inbox(store, cfg.concept.name),
+                            cache=FolderCache(store, "evaluate"), **kw)  # fmt: skip
 
 
 def stage_generate(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
@@ -118,7 +124,7 @@ def simulate_in_labelstudio(cfg: RunConfig, run: Path, token: str | None, share:
     """Toy world: the simulated people label the published batch in the Label Studio project,
     through its API, each as their own user. They take tasks nobody has labelled yet, in a
     seeded shuffled order, until ``share`` of the batch is labelled."""
-    from hfi_core.feedback.labelstudio_api import Project, project_title
+    from hfi_core.feedback.labelstudio_api import Project, annotate_as, project_title
 
     fb = cfg.feedback
     if not fb.labelstudio.url:
@@ -136,8 +142,6 @@ def simulate_in_labelstudio(cfg: RunConfig, run: Path, token: str | None, share:
     todo = queue.head(want).reset_index(drop=True)
     if todo.empty:
         return {"annotations": 0, "images": 0, "labelled_before": len(labelled)}
-    from hfi_core.feedback.labelstudio_api import annotate_as
-
     done = annotate_as(fb.labelstudio.url, token, project.title, _simulate(cfg, run, todo, urls))
     return {**done, "images": len(todo), "labelled_before": len(labelled)}
 
@@ -164,6 +168,10 @@ def _elsewhere(manifest: Any, ctx: StageContext) -> frozenset[str]:
     return frozenset(ctx.pool.ids() - set(manifest.image_id)) if ctx.pool is not None else frozenset()
 
 
+INBOX = ".inbox"
+"""Where a step keeps its local copy of the inbox (a dot-folder: never uploaded as an output)."""
+
+
 def collect_feedback(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
     """Bring new exports into the inbox before the feedback step hashes it (``feedback.source``).
 
@@ -186,10 +194,9 @@ def collect_feedback(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, 
         # The simulated people label what nobody has labelled yet, as annotators working
         # through a Label Studio project would: earlier nights' labels are not redone.
         labelled: set[str] = set()
-        with _tmpdir() as tmp:
-            for path in ctx.inbox.download(tmp):
-                for x in parse_source(path, manifest, settings, elsewhere):
-                    labelled |= set(getattr(x, "image_ids", None) or [x.image_id])
+        for path in ctx.inbox.download(run / INBOX):  # the folder the stage ingests from: fetched once
+            for x in parse_source(path, manifest, settings, elsewhere):
+                labelled |= set(getattr(x, "image_ids", None) or [x.image_id])
         todo = manifest[~manifest.image_id.isin(labelled)].reset_index(drop=True)
         if len(todo):
             new.append((json.dumps(_simulate(cfg, run, todo, urls), indent=1).encode(), ".json"))
@@ -202,18 +209,14 @@ def collect_feedback(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, 
             fb.labelstudio.url, ctx.labelstudio_token, project_title(fb.labelstudio.project, cfg.concept.name)
         )
         if data is not None:
-            with _tmpdir() as tmp:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="hfi-pull-") as tmp:
                 (Path(tmp) / "export.json").write_bytes(data)
                 parse_source(Path(tmp) / "export.json", manifest, settings, elsewhere)
             new.append((data, ".json"))
     added = [ctx.inbox.add(data, suffix) for data, suffix in new]
     return {"inbox": ctx.inbox.uri(), "exports_added": sum(is_new for _, is_new in added)}
-
-
-def _tmpdir() -> Any:
-    import tempfile
-
-    return tempfile.TemporaryDirectory(prefix="hfi-inbox-")
 
 
 def stage_feedback(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
@@ -225,7 +228,7 @@ def stage_feedback(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, An
     if ctx.inbox is None:
         raise ValueError("feedback: this step has no run store, so no feedback inbox")
     manifest, _ = _batch(cfg, run, ctx)
-    sources = ctx.inbox.download(run / ".inbox")
+    sources = ctx.inbox.download(run / INBOX)
     if not sources:
         raise ValueError(
             f"feedback inbox {ctx.inbox.uri()} is empty: drop Label Studio exports there, list them in "

@@ -28,7 +28,7 @@ from typing import Any
 
 from hfi_core.config import RunConfig, config_hash
 from hfi_core.stages import STAGES, StageContext, grids, headline, stage
-from hfi_core.store import RESERVED, FolderCache, ImagePool, Inbox, LocalStore, Store, tree_hashes
+from hfi_core.store import RESERVED, Inbox, LocalStore, Store, tree_hashes
 
 ARTIFACT_SUFFIXES = (".png", ".md", ".json", ".xml")
 
@@ -98,15 +98,14 @@ def run_step(
         raise ValueError(f"run name {run_prefix!r}: {RESERVED} are the store's own folders, not nights")
     prefix = _join(run_prefix, name)
     scratch = Path(scratch)
-    ctx = StageContext(show_progress=show_progress and st.progress, resume=resume, pool=ImagePool(store),
-                       inbox=Inbox(store, cfg.concept.name), labelstudio_token=labelstudio_token,
-                       cache=FolderCache(store, "evaluate"))  # fmt: skip
-    step_inputs(name, cfg, store, run_prefix)  # every upstream stage has finished
+    ctx = StageContext.on(store, cfg, show_progress=show_progress and st.progress, resume=resume,
+                          labelstudio_token=labelstudio_token)  # fmt: skip
+    inputs = step_inputs(name, cfg, store, run_prefix)  # refuses while an upstream stage is unfinished
     collected = None
     if st.collect is not None:
         _pull_upstream(st, store, run_prefix, scratch)
         collected = st.collect(cfg, scratch, ctx)
-    inputs = step_inputs(name, cfg, store, run_prefix)
+        inputs = step_inputs(name, cfg, store, run_prefix)  # the inbox may hold more now
     marker = store.success(prefix)
     if marker is not None and marker["inputs"] == inputs:
         return {"skipped": True, "reason": "a _SUCCESS marker with the same input hashes exists", "stage": name}

@@ -155,9 +155,6 @@ class Inbox:
         self.store.write_bytes(key, data)
         return key, True
 
-    def add_file(self, path: Path) -> tuple[str, bool]:
-        return self.add(Path(path).read_bytes(), Path(path).suffix.lower())
-
     def keys(self) -> list[str]:
         """The exports, in name order (temporary files of a write under way are not listed)."""
         return [k for k in self.store.list(self.prefix + "/") if Path(k).suffix in self.SUFFIXES]

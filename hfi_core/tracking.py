@@ -117,9 +117,6 @@ class Tracker:
         for k, v in tags.items():
             self.client.set_tag(run_id, k, str(v))
 
-    def parent_of(self, run_id: str) -> str | None:
-        return self.client.get_run(run_id).data.tags.get("mlflow.parentRunId")
-
     def champion(self, name: str, challenger_run: str) -> tuple[str, dict[str, float]] | None:
         """The champion's version and the numbers it was registered with, or ``None``.
 

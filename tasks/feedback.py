@@ -44,6 +44,18 @@ def register(group: Callable[..., argparse._SubParsersAction]) -> None:
     s.set_defaults(func=_simulate)
 
 
+def _fetch_batch(run_uri: str, tmp: str, s3: object) -> tuple[object, Path]:
+    """The store a night lives in, and a local copy of the night's ``generate/`` under ``tmp``."""
+    from hfi_core.store import Store
+
+    root, _, night = run_uri.rstrip("/").rpartition("/")
+    store = Store.open(root, s3)
+    run = Path(tmp) / night
+    if store.download_dir(f"{night}/generate", run / "generate") == 0:
+        raise ValueError(f"{run_uri}/generate: no generated batch there")
+    return store, run
+
+
 def _pull(args: argparse.Namespace) -> int:
     """Poll until the project's export holds annotations the inbox does not, then add it."""
     import os
@@ -55,7 +67,7 @@ def _pull(args: argparse.Namespace) -> int:
     if args.env_file:
         os.environ.update(read_env_file(args.env_file))
     from hfi_core.stages import StageContext, collect_feedback
-    from hfi_core.store import ImagePool, Inbox, S3Settings, Store
+    from hfi_core.store import S3Settings
 
     s3 = S3Settings(endpoint_url=os.environ.get("HFI_S3_ENDPOINT_URL") or None)
     with tempfile.TemporaryDirectory(prefix="hfi-pull-") as tmp:
@@ -65,15 +77,10 @@ def _pull(args: argparse.Namespace) -> int:
         print("feedback.labelstudio.url is not set: nothing to pull. Without the API, drop exports into the "
               "inbox and record an event on the hfi_feedback_batch asset (Airflow's UI or REST API).")  # fmt: skip
         return 99
-    root, _, night = args.run_uri.rstrip("/").rpartition("/")
-    store = Store.open(root, s3)
-    ctx = StageContext(pool=ImagePool(store), inbox=Inbox(store, cfg.concept.name),
-                       labelstudio_token=os.environ.get("LABEL_STUDIO_API_KEY"))  # fmt: skip
     deadline = time.time() + 60 * args.wait_minutes
     with tempfile.TemporaryDirectory(prefix="hfi-pull-") as tmp:
-        run = Path(tmp) / night
-        if store.download_dir(f"{night}/generate", run / "generate") == 0:
-            raise ValueError(f"{args.run_uri}/generate: no generated batch there")
+        store, run = _fetch_batch(args.run_uri, tmp, s3)
+        ctx = StageContext.on(store, cfg, labelstudio_token=os.environ.get("LABEL_STUDIO_API_KEY"))
         while True:
             result = collect_feedback(cfg, run, ctx)
             if result["exports_added"] or time.time() >= deadline:
@@ -89,7 +96,7 @@ def _simulate(args: argparse.Namespace) -> int:
     import tempfile
 
     from hfi_core.stages import simulate_feedback, simulate_in_labelstudio
-    from hfi_core.store import S3Settings, Store
+    from hfi_core.store import S3Settings
 
     if not 0 < args.share <= 1:
         raise ValueError(f"--share {args.share}: must be in (0, 1]")
@@ -97,11 +104,8 @@ def _simulate(args: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="hfi-simulate-") as tmp:
         run = args.run
         if run is None:
-            root, _, night = args.run_uri.rstrip("/").rpartition("/")
-            store = Store.open(root, S3Settings(endpoint_url=os.environ.get("HFI_S3_ENDPOINT_URL") or None))
-            run = Path(tmp) / night
-            if store.download_dir(f"{night}/generate", run / "generate") == 0:
-                raise ValueError(f"{args.run_uri}/generate: no generated batch there")
+            s3 = S3Settings(endpoint_url=os.environ.get("HFI_S3_ENDPOINT_URL") or None)
+            _, run = _fetch_batch(args.run_uri, tmp, s3)
         if args.labelstudio:
             result = simulate_in_labelstudio(cfg, run, os.environ.get("LABEL_STUDIO_API_KEY"), args.share)
         else:
