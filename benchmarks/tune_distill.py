@@ -58,7 +58,7 @@ def main(run: Path, name: str, args: list[str], n_per_prompt: int = 4, student: 
     pipe = load_sd_pipeline(cfg.model.model_copy(update={"dtype": "float32"}), "ddim")
     token = None
     if dc.use_token:
-        pipe.load_textual_inversion(str(run / "invert"))
+        pipe.load_textual_inversion(str(run / "invert"), use_safetensors=True)
         token = cfg.invert.token
     t0 = time.time()
     train = train_sdd if dc.method == "sdd" else train_esd

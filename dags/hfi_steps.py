@@ -23,6 +23,7 @@ import datetime as dt
 import json
 import logging
 import os
+import re
 import subprocess
 from pathlib import Path
 
@@ -52,6 +53,19 @@ log = logging.getLogger(__name__)
 
 FEEDBACK_BATCH = Asset("hfi_feedback_batch", uri="file:///hfi/feedback/inbox")
 """New labels in a concept's inbox: ``pull_feedback`` records it, and it triggers the removal DAG."""
+
+
+def without_credentials(value: str) -> str:
+    """``value`` with the user part of a URI dropped (``http://u:p@host`` -> ``http://host``).
+
+    A container's or pod's environment is a templated field: Airflow stores it rendered, shows it
+    in its UI, and Docker shows it in ``docker inspect``. A tracking URI with credentials in it
+    reaches the step through the env file (``HFI_DOCKER_ENV_FILE``) or the Secret instead."""
+    scheme, sep, rest = value.partition("://")
+    if not sep:
+        return value
+    netloc, slash, path = rest.partition("/")
+    return f"{scheme}://{netloc.rpartition('@')[2]}{slash}{path}"
 
 
 def notify_failure(context: dict) -> None:
@@ -134,6 +148,10 @@ def run_argv(*argv: str) -> None:
         from airflow.exceptions import AirflowSkipException
 
         raise AirflowSkipException("no new annotations")
+    if proc.returncode == BAD_INPUT:
+        from airflow.exceptions import AirflowFailException
+
+        raise AirflowFailException(f"{' '.join(argv[1:3])}: bad input (exit 2, the line above): not retried")
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(argv[1:3])} exited with {proc.returncode}")
 
@@ -154,6 +172,34 @@ def pull_argv() -> list[str]:
 NOTHING_NEW = 99
 """Exit code of ``hfi feedback pull`` when no new annotation came in: the task is skipped, and
 a skipped task records no asset event."""
+BAD_INPUT = 2
+"""Exit code of ``hfi`` for bad input (a config, a Param, an export): the task fails at once,
+since a retry would read the same input again."""
+
+
+def _docker_operator():
+    """DockerOperator whose container exiting with ``BAD_INPUT`` fails the task without retries
+    (made on first use: the provider is imported only by the runner that needs it)."""
+    global _DOCKER_OPERATOR
+    if _DOCKER_OPERATOR is None:
+        from airflow.exceptions import AirflowFailException
+        from airflow.providers.docker.exceptions import DockerContainerFailedException
+        from airflow.providers.docker.operators.docker import DockerOperator
+
+        class StepDockerOperator(DockerOperator):
+            def execute(self, context):
+                try:
+                    return super().execute(context)
+                except DockerContainerFailedException as e:
+                    if re.search(rf"'StatusCode': {BAD_INPUT}\b", str(e)):
+                        raise AirflowFailException(f"{self.task_id}: bad input (exit 2): not retried") from e
+                    raise
+
+        _DOCKER_OPERATOR = StepDockerOperator
+    return _DOCKER_OPERATOR
+
+
+_DOCKER_OPERATOR = None
 
 
 def command_task(task_id: str, argv: list[str], *, gpu: bool, timeout_hours: float, **extra):
@@ -163,11 +209,10 @@ def command_task(task_id: str, argv: list[str], *, gpu: bool, timeout_hours: flo
         from airflow.providers.standard.operators.python import PythonOperator
 
         return PythonOperator(python_callable=run_argv, op_args=argv, **common)
-    env = {**CONTEXT_ENV, **{k: os.environ[k] for k in PASS_THROUGH if k in os.environ}}
+    env = {**CONTEXT_ENV, **{k: without_credentials(os.environ[k]) for k in PASS_THROUGH if k in os.environ}}
     gpu = gpu and GPUS != "none"
     count = -1 if GPUS in ("all", "none") else int(GPUS)
     if RUNNER == "docker":
-        from airflow.providers.docker.operators.docker import DockerOperator
         from docker.types import DeviceRequest, Mount
 
         # The env file is mounted read-only and read by the step itself (``hfi step --env-file``),
@@ -181,7 +226,7 @@ def command_task(task_id: str, argv: list[str], *, gpu: bool, timeout_hours: flo
             source = "{{ " + json.dumps(env_file) + " }}"
             mounts = [Mount(target=SECRET_ENV, source=source, type="bind", read_only=True)]
             command = [*command, "--env-file", SECRET_ENV]
-        return DockerOperator(
+        return _docker_operator()(
             image=IMAGE,
             command=command,
             environment=env,

@@ -505,9 +505,66 @@ def parse(cls: type[M], data: Any, where: str = "") -> M:
 # ----------------------------------------------------------------------------- YAML
 
 
+MAX_YAML_VALUES = 100_000
+"""A config file may expand (anchors and aliases followed) to at most this many values. A
+config has a few hundred; a 201-byte file of nested aliases expands to millions at 6 levels."""
+MAX_YAML_DEPTH = 50
+
+
 class _Loader(yaml.SafeLoader):
     """YAML as people write it: PyYAML follows YAML 1.1, where ``1e-5`` and ``2e-05`` (no dot)
-    are strings; YAML 1.2 and JSON read them as floats, and so does this loader."""
+    are strings; YAML 1.2 and JSON read them as floats, and so does this loader.
+
+    Aliases are counted as what they expand to, before anything is built: every later reader
+    (validation, overrides, a JSON dump) walks the expanded tree."""
+
+    _depth = 0
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        self._depth += 1
+        try:
+            if self._depth > MAX_YAML_DEPTH:
+                raise yaml.YAMLError(f"nested more than {MAX_YAML_DEPTH} levels deep (a config has 4): refused")
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+    def get_single_data(self) -> Any:
+        node = self.get_single_node()
+        if node is None:
+            return None
+        size = _expanded_size(node)
+        if size > MAX_YAML_VALUES:
+            raise yaml.YAMLError(
+                f"expands to more than {MAX_YAML_VALUES} values through its aliases (a config has a few "
+                "hundred): refused"
+            )
+        return self.construct_document(node)
+
+
+def _expanded_size(root: yaml.Node) -> int:
+    """How many values ``root`` holds with every alias expanded; more than the cap for a cycle.
+
+    Iterative and memoised by node, so a billion-laughs file costs its own size to measure."""
+    sizes: dict[int, int] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    open_nodes: set[int] = set()
+    while stack:
+        node, done = stack.pop()
+        if id(node) in sizes:
+            continue
+        children = [c for pair in node.value for c in pair] if isinstance(node, yaml.MappingNode) else (
+            node.value if isinstance(node, yaml.SequenceNode) else [])  # fmt: skip
+        if done:
+            sizes[id(node)] = min(MAX_YAML_VALUES + 1, 1 + sum(sizes[id(c)] for c in children))
+            open_nodes.discard(id(node))
+            continue
+        if id(node) in open_nodes:  # a node that contains itself expands without end
+            return MAX_YAML_VALUES + 1
+        open_nodes.add(id(node))
+        stack.append((node, True))
+        stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
 
 
 _Loader.add_implicit_resolver(
@@ -526,7 +583,7 @@ def load_yaml_file(path: Path) -> Any:
     try:
         return read_yaml(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        raise ConfigError(f"{path}: cannot read YAML: {e}") from None
+        raise ConfigError(f"{path}: cannot read YAML: {str(e)[:240]}") from None
 
 
 # ----------------------------------------------------------------------------- overrides

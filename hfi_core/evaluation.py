@@ -70,11 +70,11 @@ def load_variant(cfg: RunConfig, v: Variant, scheduler: str):
 
     pipe = load_sd_pipeline(cfg.model, scheduler)
     if v.unet:
-        pipe.unet = UNet2DConditionModel.from_pretrained(v.unet).to(pipe.device, pipe.unet.dtype)
+        pipe.unet = UNet2DConditionModel.from_pretrained(v.unet, use_safetensors=True).to(pipe.device, pipe.unet.dtype)
     if v.delta:
         apply_delta(pipe.unet, Path(v.delta))
     if v.token_dir:
-        pipe.load_textual_inversion(v.token_dir)
+        pipe.load_textual_inversion(v.token_dir, use_safetensors=True)
     kwargs: dict[str, Any] = {}
     if v.inference == "negative_prompt":
         kwargs["negative_prompt"] = v.negative_prompt or cfg.evaluate.negative_prompt

@@ -64,9 +64,22 @@ def load_sd_pipeline(cfg: ModelConfig, scheduler: str = "dpmsolver") -> StableDi
     """
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        locate(cfg.path), revision=cfg.revision, dtype=dtype, safety_checker=None, requires_safety_checker=False
-    )
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            locate(cfg.path),
+            revision=cfg.revision,
+            dtype=dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+            use_safetensors=True,  # never a pickle: a folder of .bin files is refused
+        )
+    except OSError as e:
+        if "safetensors" not in str(e):
+            raise
+        raise ValueError(
+            f"model.path {cfg.path}: no .safetensors weights ({str(e).splitlines()[0][:160]}); hfi loads no pickled "
+            ".bin weights, which can run code: convert them with save_pretrained(..., safe_serialization=True)"
+        ) from None
     pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
@@ -74,7 +87,7 @@ def load_sd_pipeline(cfg: ModelConfig, scheduler: str = "dpmsolver") -> StableDi
 
 def load_clip(path: str, device: str = "auto") -> tuple[CLIPModel, CLIPProcessor]:
     """A CLIP model (eval mode, fp32) and its processor."""
-    model = CLIPModel.from_pretrained(locate(path)).eval().to(resolve_device(device))
+    model = CLIPModel.from_pretrained(locate(path), use_safetensors=True).eval().to(resolve_device(device))
     return model, CLIPProcessor.from_pretrained(locate(path))
 
 
@@ -82,7 +95,7 @@ def load_oracle(spec: str):
     """The toy world's judge (eval mode), from a folder or ``toyworld:oracle``."""
     from hfi_core.toyworld.oracle import Oracle
 
-    return Oracle.from_pretrained(locate(spec)).eval()
+    return Oracle.from_pretrained(locate(spec), use_safetensors=True).eval()
 
 
 def sld_pipeline(pipe: StableDiffusionPipeline, preset: str, concept: str):

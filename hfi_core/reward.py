@@ -283,7 +283,7 @@ def score_images(
     """Rewards of the manifest's images, (N,), with the CLIP the reward model was trained on."""
     from hfi_core.models import load_clip
 
-    reward = RewardModel.from_pretrained(model_dir).eval()
+    reward = RewardModel.from_pretrained(model_dir, use_safetensors=True).eval()
     clip_model, processor = load_clip(reward.config.clip)
     if cache_dir is not None:
         emb = EmbeddingCache(cache_dir, clip_model, processor, reward.config.clip).get(manifest, image_root)

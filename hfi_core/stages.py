@@ -21,6 +21,7 @@ Heavy libraries are imported inside the functions, so reading the table costs no
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,6 +54,9 @@ class StageContext:
     """The Label Studio API token, from the step's environment (never from a config)."""
     cache: FolderCache | None = None
     """Evaluations of models no night trains (the base model, inference-time baselines)."""
+    checkpoint: Callable[[Path], None] | None = None
+    """Called with each checkpoint file a long loop writes (stages whose row says ``checkpoints``):
+    the step runner keeps it in the run store, where a retried step resumes from it."""
 
     @staticmethod
     def on(store: Store, cfg: RunConfig, **kw: Any) -> StageContext:
@@ -178,7 +182,7 @@ def collect_feedback(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, 
     Every new export is validated first: a bad one is refused with its one-line error and never
     reaches the inbox, where it would stop every later night.
     """
-    from hfi_core.feedback.ingest import parse_source
+    from hfi_core.feedback.ingest import parse_source, read_source
 
     fb, run = cfg.feedback, Path(run)
     if ctx.inbox is None:
@@ -188,8 +192,9 @@ def collect_feedback(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, 
     new: list[tuple[bytes, str]] = []
     if fb.source == "files":
         for f in fb.files:
-            parse_source(Path(f), manifest, settings, elsewhere)  # raises, naming file/record/field
-            new.append((Path(f).read_bytes(), Path(f).suffix.lower()))
+            data = read_source(Path(f), settings)  # read once: what is checked is what enters the inbox
+            parse_source(Path(f), manifest, settings, elsewhere, data=data)  # raises, naming file/record/field
+            new.append((data, Path(f).suffix.lower()))
     elif fb.source == "simulate":
         # The simulated people label what nobody has labelled yet, as annotators working
         # through a Label Studio project would: earlier nights' labels are not redone.
@@ -209,11 +214,7 @@ def collect_feedback(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, 
             fb.labelstudio.url, ctx.labelstudio_token, project_title(fb.labelstudio.project, cfg.concept.name)
         )
         if data is not None:
-            import tempfile
-
-            with tempfile.TemporaryDirectory(prefix="hfi-pull-") as tmp:
-                (Path(tmp) / "export.json").write_bytes(data)
-                parse_source(Path(tmp) / "export.json", manifest, settings, elsewhere)
+            parse_source(Path(f"{fb.labelstudio.url}/export.json"), manifest, settings, elsewhere, data=data)
             new.append((data, ".json"))
     added = [ctx.inbox.add(data, suffix) for data, suffix in new]
     return {"inbox": ctx.inbox.uri(), "exports_added": sum(is_new for _, is_new in added)}
@@ -320,13 +321,15 @@ def stage_distill(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any
     pipe = load_sd_pipeline(cfg.model.model_copy(update={"dtype": "float32"}), "ddim")  # train in fp32
     token = None
     if dc.use_token:
-        pipe.load_textual_inversion(str(run / "invert"))
+        pipe.load_textual_inversion(str(run / "invert"), use_safetensors=True)
         token = cfg.invert.token
     prompts = concept_prompts(cfg, token)
     train = train_sdd if dc.method == "sdd" else train_esd
     out = run / "distill"
     t0 = time.time()
-    unet, names, losses = train(pipe, dc, prompts, out, resume=ctx.resume, show_progress=ctx.show_progress)
+    unet, names, losses = train(pipe, dc, prompts, out, resume=ctx.resume, show_progress=ctx.show_progress,
+                                on_checkpoint=ctx.checkpoint)  # fmt: skip
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # finished: the outputs are the model, not its state
     seconds = time.time() - t0
     if dc.trainable == "lora":
         from hfi_core.distill.common import merge_lora
@@ -493,7 +496,7 @@ def headline(name: str, result: dict[str, Any], cfg: RunConfig) -> dict[str, flo
         out: dict[str, float] = {}
         for group, before in result.get("sd", {}).items():
             after = result.get("distilled", {}).get(group, {})
-            tag = group.replace(":", "_")
+            tag = _group_tag(group)
             if key in before:
                 out[f"{tag}.concept_before"], out[f"{tag}.concept_after"] = before[key], after.get(key, float("nan"))
         return out
@@ -504,6 +507,22 @@ def headline(name: str, result: dict[str, Any], cfg: RunConfig) -> dict[str, flo
         out |= {f"champion_{k}": champion[k] for k in ("concept_rate", "preservation_drop") if k in champion}
         return out
     return {}
+
+
+def _group_tag(group: str) -> str:
+    return group.replace(":", "_")  # "target:implicit:zebra" -> "target_implicit_zebra" (metric-key safe)
+
+
+def headline_keys(cfg: RunConfig) -> list[str]:
+    """Every metric ``headline`` can put on a night's parent, in the order a reader wants them:
+    the verdict first, then what fed it, then each group's concept rate before and after."""
+    groups = [_group_tag(ps.group) for ps in cfg.prompts]
+    return [
+        "promoted", "concept_rate", "preservation_drop", "champion_concept_rate", "champion_preservation_drop",
+        "gates_passed", "labels_used", "labelled_images",
+        "reward_auc" if cfg.feedback.kind == "binary" else "reward_pair_accuracy",
+        *(f"{g}.concept_{when}" for g in groups for when in ("before", "after")),
+    ]  # fmt: skip
 
 
 def grids(name: str, run: Path) -> dict[str, Path]:
@@ -524,6 +543,10 @@ def summary_table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
             cells = [f"{m[c]:.3f}" if c in m else "" for c in present]
             lines.append(f"| {name} | {group} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+CHECKPOINT_FILE = "checkpoint/state.pt"
+"""Where a checkpointing stage's loop keeps its state, in its folder (``distill.common.CHECKPOINT``)."""
 
 
 @dataclass(frozen=True)
@@ -547,6 +570,11 @@ class Stage:
     """Part of a labelling batch: the feedback-collection DAG runs these stages."""
     needed: Callable[[RunConfig], bool] = lambda cfg: True
     """Whether a run with this config needs the stage; one that does not is marked done, empty."""
+    registers: bool = False
+    """Its work is registering in MLflow's model registry: without MLflow it fails (and is retried)
+    instead of running untracked as the other stages do."""
+    checkpoints: bool = False
+    """Writes checkpoints (``CHECKPOINT_FILE`` in its folder) that a retry of the step resumes from."""
     collect: Callable[[RunConfig, Path, StageContext], dict[str, Any]] | None = None
     """Reads the feedback inbox: this runs first, bringing new exports in, and the inbox's
     content hash becomes one of the step's inputs (new feedback re-runs it, none skips it)."""
@@ -566,11 +594,12 @@ STAGES: dict[str, Stage] = {
         # Text-only removal (distill.use_token: false) needs no token.
         Stage("invert", stage_invert, ("generate", "reward"), gpu=True, timeout_hours=2, progress=True,
               command=("invert",), needed=lambda cfg: cfg.distill.use_token),
-        Stage("distill", stage_distill, ("invert",), gpu=True, timeout_hours=6, progress=True, command=("distill",)),
+        Stage("distill", stage_distill, ("invert",), gpu=True, timeout_hours=6, progress=True, command=("distill",),
+              checkpoints=True),
         Stage("evaluate", stage_evaluate, ("generate", "distill"), gpu=True, timeout_hours=2, progress=False,
               command=("evaluate",)),
         Stage("register", stage_register, ("evaluate", "distill"), gpu=False, timeout_hours=0.25, progress=False,
-              command=("register",)),
+              command=("register",), registers=True),
     )
 }  # fmt: skip
 

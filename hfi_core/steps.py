@@ -9,10 +9,13 @@
 3. pulls the upstream folders into a scratch run folder and, with tracking, opens the step's
    child MLflow run (under one parent per pipeline run);
 4. runs the stage function there; records metrics, images, plots and the model card in the
-   child run; pushes the outputs, and writes the marker *last*.
+   child run; commits the outputs (``Store.commit``: old marker out, outputs up, leftovers of
+   earlier attempts deleted, the marker *last*, with every output's sha256).
 
 A step killed anywhere before 4 ends leaves no marker; its retry starts from a clean stage folder
-and, every stage being seeded, produces the same outputs. The same function runs in-process
+and, every stage being seeded, produces the same outputs. A stage that checkpoints (distill) keeps
+its last checkpoint in the store under the step's input hash, and its retry resumes from there,
+ending bit for bit where the unbroken run would have. The same function runs in-process
 (``hfi run``, the benchmark), in a container (``hfi step``) or in a pod.
 """
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -27,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from hfi_core.config import RunConfig, config_hash
-from hfi_core.stages import STAGES, StageContext, grids, headline, stage
-from hfi_core.store import RESERVED, Inbox, LocalStore, Store, tree_hashes
+from hfi_core.stages import CHECKPOINT_FILE, STAGES, StageContext, grids, headline, headline_keys, stage
+from hfi_core.store import RESERVED, Inbox, LocalStore, Store
 
 ARTIFACT_SUFFIXES = (".png", ".md", ".json", ".xml")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -65,6 +70,12 @@ def step_inputs(name: str, cfg: RunConfig, store: Store, run_prefix: str) -> dic
             )
         inputs[dep] = hashlib.sha256(json.dumps(marker["outputs"], sort_keys=True).encode()).hexdigest()
     return inputs
+
+
+def _checkpoint_prefix(run_prefix: str, name: str) -> str:
+    """Where a night keeps a stage's checkpoints while it runs: beside its folder, which a retry
+    clears, and named by the step's input hash, so that only the same work resumes from them."""
+    return _join(run_prefix, f".checkpoints/{name}")
 
 
 def _pull_upstream(st: Any, store: Store, run_prefix: str, scratch: Path) -> None:
@@ -116,51 +127,101 @@ def run_step(
         return {"skipped": True, "reason": "this config does not need the stage", "stage": name}
     _pull_upstream(st, store, run_prefix, scratch)
     if not resume:
-        shutil.rmtree(scratch / name, ignore_errors=True)  # a retry starts clean
+        shutil.rmtree(scratch / name, ignore_errors=True)  # a retry starts clean...
+    checkpoints = _checkpoint_prefix(run_prefix, name)
+    if st.checkpoints:
+        # ...but for the last checkpoint an earlier attempt with the same inputs kept in the store.
+        ckpt = f"{checkpoints}/{hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]}.pt"
+        if not resume and store.exists(ckpt):
+            store.download_file(ckpt, scratch / name / CHECKPOINT_FILE)
+            ctx.resume = True
+        ctx.checkpoint = lambda path, key=ckpt: store.upload_file(path, key)  # one PUT: whole or absent
 
     tracker = child = parent = None
+    warnings: list[str] = []
     if tracking is not None:
-        from hfi_core.tracking import Tracker
-
-        # The parent is the night: named by concept and night, RUNNING while a step of it runs,
-        # FINISHED when none is left running, FAILED when one failed.
-        night = run_prefix.rstrip("/").split("/")[-1]
-        tracker = Tracker(tracking.tracking_uri, tracking.experiment, artifact_location=tracking.artifact_location)
-        parent = tracker.parent(
-            tracking.run_key, f"{cfg.concept.name} · {night}", cfg.model_dump(mode="json"),
-            {**tracking.tags, "hfi.night": night, "hfi.concept": cfg.concept.name},
-        )  # fmt: skip
-        child = tracker.child(parent, name, {**tracking.tags, "hfi.store": store.uri(prefix)})
+        try:
+            tracker, parent, child = _open_runs(tracking, cfg, store, run_prefix, name)
+        except Exception as e:
+            if st.registers:
+                raise  # without the registry there is nothing to do: fail, and let the retry try again
+            warnings.append(_untracked(name, "could not open its MLflow runs", e))
     ctx.tracker, ctx.mlflow_run = tracker, child
     try:
         result = st.run(cfg, scratch, ctx)
-        if collected:
-            result = {**collected, **result}
-        (scratch / name).mkdir(parents=True, exist_ok=True)
-        if tracker is not None and child is not None and parent is not None:
-            tracker.log_metrics(child, result)
-            tracker.log_metrics(parent, headline(name, result, cfg))
-            for f in sorted((scratch / name).rglob("*")):
-                if f.suffix in ARTIFACT_SUFFIXES and f.stat().st_size < 5 * 2**20 and f.parent.name != "raw":
-                    tracker.log_file(child, f, f"{name}/{f.parent.relative_to(scratch / name)}".rstrip("/."))
-            for key, path in grids(name, scratch).items():
-                tracker.log_image(parent, path, key)
-            if name == "register":
-                verdict = "promoted" if result["champion"] else "not promoted"
-                tags = {"hfi.verdict": verdict, "hfi.reason": result["reason"], "hfi.model_version": result["version"]}
-                tracker.set_tags(parent, tags)
     except BaseException:
         if tracker is not None and child is not None and parent is not None:
-            tracker.finish(child, ok=False)
-            tracker.finish(parent, ok=False)
+            _quietly(lambda: (tracker.finish(child, ok=False), tracker.finish(parent, ok=False)))
         raise
-
-    store.upload_dir(scratch / name, prefix)
-    store.mark_success(prefix, inputs, tree_hashes(scratch / name), mlflow_run_id=child)
+    if collected:
+        result = {**collected, **result}
+    (scratch / name).mkdir(parents=True, exist_ok=True)
     if tracker is not None and child is not None and parent is not None:
-        tracker.finish(child)
-        tracker.settle(parent)
+        try:
+            _record(tracker, parent, child, name, result, cfg, scratch)
+        except Exception as e:
+            warnings.append(_untracked(name, "could not record its results in MLflow", e))
+            tracker = None
+    if warnings:
+        result["tracking_warnings"] = warnings
+    store.commit(scratch / name, prefix, inputs, mlflow_run_id=child, **({"tracking": warnings} if warnings else {}))
+    if st.checkpoints:
+        for key in store.list(checkpoints + "/"):  # done: nothing will resume from these
+            store.delete(key)
+    if tracker is not None and child is not None and parent is not None:
+        _quietly(lambda: (tracker.finish(child), tracker.settle(parent)))
     return result
+
+
+def _open_runs(tracking: TrackingContext, cfg: RunConfig, store: Store, run_prefix: str, name: str):
+    """``(tracker, parent, child)``: the night's parent run and this step's child run.
+
+    The parent is the night: named by concept and night, RUNNING while a step of it runs,
+    FINISHED when none is left running, FAILED when one failed."""
+    from hfi_core.tracking import Tracker
+
+    night = run_prefix.rstrip("/").split("/")[-1]
+    tracker = Tracker(tracking.tracking_uri, tracking.experiment, artifact_location=tracking.artifact_location)
+    parent = tracker.parent(
+        tracking.run_key, f"{cfg.concept.name} · {night}", cfg.model_dump(mode="json"),
+        {**tracking.tags, "hfi.night": night, "hfi.concept": cfg.concept.name},
+    )  # fmt: skip
+    view = tracker.nights_view(cfg.concept.name, headline_keys(cfg))
+    tracker.set_tags(parent, {"hfi.nights_view": view})  # the UI's link to the nights side by side
+    child = tracker.child(parent, name, {**tracking.tags, "hfi.store": store.uri(_join(run_prefix, name))})
+    return tracker, parent, child
+
+
+def _record(tracker: Any, parent: str, child: str, name: str, result: dict[str, Any], cfg: RunConfig,
+            scratch: Path) -> None:  # fmt: skip
+    """The step's metrics and files on its child run; the night's headline, grids and verdict on the parent."""
+    tracker.log_metrics(child, result)
+    tracker.log_metrics(parent, headline(name, result, cfg))
+    for f in sorted((scratch / name).rglob("*")):
+        if f.suffix in ARTIFACT_SUFFIXES and f.stat().st_size < 5 * 2**20 and f.parent.name != "raw":
+            tracker.log_file(child, f, f"{name}/{f.parent.relative_to(scratch / name)}".rstrip("/."))
+    for key, path in grids(name, scratch).items():
+        tracker.log_image(parent, path, key)
+    if name == "register":
+        verdict = "promoted" if result["champion"] else "not promoted"
+        tags = {"hfi.verdict": verdict, "hfi.reason": result["reason"], "hfi.model_version": result["version"]}
+        tracker.set_tags(parent, tags)
+
+
+def _untracked(name: str, what: str, error: BaseException) -> str:
+    """The one warning line of a step that goes on without MLflow (its outputs are what matter)."""
+    line = f"step {name}: {what} ({type(error).__name__}: {str(error).splitlines()[0][:160] if str(error) else ''}); " \
+           "its outputs and marker are written untracked"  # fmt: skip
+    log.warning("%s", line)
+    return line
+
+
+def _quietly(call: Any) -> None:
+    """A best-effort MLflow call after the outputs are safe (closing runs): a failure is a warning."""
+    try:
+        call()
+    except Exception as e:
+        log.warning("closing the step's MLflow runs failed (%s: %s)", type(e).__name__, str(e)[:160])
 
 
 def run_local_step(

@@ -43,7 +43,11 @@ class S3Settings:
     """e.g. ``http://127.0.0.1:9000`` for MinIO; ``None``: AWS."""
     region: str | None = None
     max_attempts: int = 5
-    """botocore retries (adaptive mode backs off exponentially)."""
+    """botocore attempts per call ("standard" mode: exponential back-off with jitter, bounded)."""
+    connect_timeout: float = 10.0
+    """Seconds to open a connection; a closed or firewalled endpoint fails within attempts x this."""
+    read_timeout: float = 60.0
+    """Seconds to wait for a response; a server that accepts and never answers is given up on."""
     multipart_threshold_mb: int = 64
     """Files larger than this upload in parts."""
 
@@ -54,6 +58,17 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def check_key(key: str, where: str = "store key") -> str:
+    """``key`` if it is a plain relative path: no empty, ``.`` or ``..`` segment, no leading ``/``,
+    no backslash. Keys become local paths on download; one of these would write elsewhere."""
+    parts = key.split("/")
+    if not key or "\\" in key or "\x00" in key or any(p in ("", ".", "..") for p in parts):
+        shown = key if len(key) <= 120 else key[:120] + "..."
+        raise ValueError(f"{where} {shown!r}: refused: it would leave its folder (empty, '.' or '..' segment, "
+                         "leading '/', backslash or NUL)")  # fmt: skip
+    return key
 
 
 def tree_hashes(folder: Path) -> dict[str, str]:
@@ -83,6 +98,7 @@ class Store:
     def list(self, prefix: str) -> list[str]: ...
     def upload_file(self, path: Path, key: str) -> None: ...
     def download_file(self, key: str, path: Path) -> None: ...
+    def delete(self, key: str) -> None: ...
 
     def uri(self, key: str = "") -> str:
         return f"{self.root}/{key}" if key else self.root
@@ -92,22 +108,49 @@ class Store:
         return None
 
     # Built on the primitives.
-    def upload_dir(self, folder: Path, prefix: str) -> list[str]:
-        """Every file under ``folder`` to ``prefix/...`` (markers and dot-files skipped)."""
-        keys = []
-        for rel in tree_hashes(folder):
-            key = f"{prefix.rstrip('/')}/{rel}"
-            self.upload_file(Path(folder) / rel, key)
-            keys.append(key)
-        return keys
-
     def download_dir(self, prefix: str, folder: Path) -> int:
-        """Every object under ``prefix/`` into ``folder``; returns how many."""
-        prefix = prefix.rstrip("/") + "/"
-        keys = [k for k in self.list(prefix) if not k.endswith("/" + SUCCESS)]
-        for key in keys:
-            self.download_file(key, Path(folder) / key[len(prefix) :])
-        return len(keys)
+        """The finished folder at ``prefix`` into ``folder``: exactly the outputs its marker lists,
+        each checked against the marker's sha256. Returns how many; 0 when there is no marker."""
+        marker = self.success(prefix)
+        if marker is None:
+            return 0
+        prefix = prefix.rstrip("/")
+        for rel, digest in marker["outputs"].items():
+            check_key(rel, f"{self.uri(prefix)}/{SUCCESS}: output")
+            path = Path(folder) / rel
+            self.download_file(f"{prefix}/{rel}", path)
+            if sha256_file(path) != digest:
+                path.unlink()
+                raise RuntimeError(
+                    f"{self.uri(prefix)}/{rel}: its bytes do not match the sha256 in {SUCCESS}: the folder was "
+                    "changed after it finished; re-run its step"
+                )
+        return len(marker["outputs"])
+
+    def commit(self, folder: Path, prefix: str, inputs: dict[str, str], **extra: Any) -> dict[str, str]:
+        """Publish ``folder`` at ``prefix`` as one transaction; returns the outputs' hashes.
+
+        1. the old marker goes: from here on no reader takes the folder as finished, so nobody
+           reads an old marker over new objects;
+        2. every output goes up;
+        3. keys an earlier attempt left that are not outputs are deleted;
+        4. the marker goes last, listing every output with its sha256.
+
+        Killed anywhere, the folder has no marker (or, before step 1, the old one over the old
+        objects); a retry of the commit ends with exactly the marker's outputs.
+        """
+        prefix = prefix.rstrip("/")
+        outputs = tree_hashes(folder)
+        marker = f"{prefix}/{SUCCESS}"
+        if self.exists(marker):
+            self.delete(marker)
+        for rel in outputs:
+            self.upload_file(Path(folder) / rel, f"{prefix}/{rel}")
+        for key in self.list(prefix + "/"):
+            if key != marker and key[len(prefix) + 1 :] not in outputs:
+                self.delete(key)
+        self.mark_success(prefix, inputs, outputs, **extra)
+        return outputs
 
     def success(self, stage_prefix: str) -> dict[str, Any] | None:
         """The stage's marker, or ``None`` when the stage never finished."""
@@ -198,6 +241,8 @@ class ImagePool:
 
     def fetch(self, row: dict[str, Any], dest: Path) -> None:
         """The image of a pool ``row`` to ``dest``."""
+        if not re.fullmatch(r"[0-9a-f]{64}", str(row.get("sha256", ""))):
+            raise ValueError(f"{self.store.uri(self.prefix)}/index: row {str(row)[:120]}: 'sha256' is not a sha256")
         self.store.download_file(f"{self.prefix}/{row['sha256']}.png", Path(dest))
 
     def image_url(self, uri: str, seconds: int = 14 * 24 * 3600) -> str:
@@ -238,18 +283,15 @@ class FolderCache:
 
     def put(self, key: str, folder: Path) -> None:
         prefix = f"{self.prefix}/{key}"
-        self.store.upload_dir(Path(folder), prefix)
-        self.store.mark_success(prefix, {"key": key}, tree_hashes(Path(folder)))
+        self.store.commit(Path(folder), prefix, {"key": key})
 
 
 class LocalStore(Store):
     """A folder on a local or mounted file system; writes go through a temporary file and a rename."""
 
     def _path(self, key: str) -> Path:
-        path = Path(self.root) / key
-        if ".." in Path(key).parts:
-            raise ValueError(f"store key {key!r} leaves the run store")
-        return path
+        key = key.removesuffix("/")  # a listing prefix ("r1/generate/") names its folder
+        return Path(self.root) / check_key(key) if key else Path(self.root)
 
     def read_bytes(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -280,6 +322,9 @@ class LocalStore(Store):
         shutil.copyfile(path, tmp)
         os.replace(tmp, dest)
 
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
     def download_file(self, key: str, path: Path) -> None:
         src = self._path(key)
         if Path(path).resolve() == src.resolve():
@@ -303,7 +348,11 @@ class S3Store(Store):
             "s3",
             endpoint_url=settings.endpoint_url,
             region_name=settings.region,
-            config=Config(retries={"max_attempts": settings.max_attempts, "mode": "adaptive"}),
+            config=Config(
+                connect_timeout=settings.connect_timeout,
+                read_timeout=settings.read_timeout,
+                retries={"max_attempts": settings.max_attempts, "mode": "standard"},
+            ),
         )
         mb = 1024 * 1024
         self.transfer = TransferConfig(
@@ -334,8 +383,11 @@ class S3Store(Store):
     def list(self, prefix: str) -> list[str]:
         out, strip = [], len(self.prefix) + 1 if self.prefix else 0
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=self._key(prefix)):
-            out += [obj["Key"][strip:] for obj in page.get("Contents", [])]
+            out += [check_key(obj["Key"][strip:], f"s3://{self.bucket}: key") for obj in page.get("Contents", [])]
         return sorted(out)
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(check_key(key)))
 
     def upload_file(self, path: Path, key: str) -> None:
         self.client.upload_file(str(path), self.bucket, self._key(key), Config=self.transfer)
@@ -346,5 +398,6 @@ class S3Store(Store):
         )
 
     def download_file(self, key: str, path: Path) -> None:
+        check_key(key)
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         self.client.download_file(self.bucket, self._key(key), str(path), Config=self.transfer)

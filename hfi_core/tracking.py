@@ -21,6 +21,9 @@ from hfi_core.promotion import GateResult, Verdict
 CHAMPION = "champion"
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 """MLflow 3 opens an experiment on its GenAI pages unless this tag says it trains models."""
+SHARED_VIEW = "mlflow.sharedViewState."
+"""MLflow's UI loads a runs-table view (columns, filter, order) from the experiment tag
+``SHARED_VIEW + key`` when its URL carries ``?viewStateShareKey=key``: how its Share button works."""
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -82,6 +85,27 @@ class Tracker:
             return existing
         run = self.client.create_run(self.experiment_id, run_name=stage, tags={**tags, **key, "hfi.level": "child"})
         return run.info.run_id
+
+    def nights_view(self, concept: str, metrics: list[str]) -> str:
+        """Save the runs-table view that compares a concept's nights and return its URL fragment.
+
+        The view lists the concept's parent runs (one row per night, newest first) with
+        ``metrics`` as columns. MLflow's own default shows no metric column, and a column choice
+        made by hand lives in one browser's storage; a shared view is on the server, for everyone.
+        """
+        key = "nights-" + "".join(c if c.isalnum() else "-" for c in concept.lower())
+        quote = "'" if "'" not in concept else '"'  # MLflow's filter quotes strings either way
+        view = {
+            "searchFilter": f"tags.`hfi.level` = 'parent' and tags.`hfi.concept` = {quote}{concept}{quote}",
+            "orderByKey": "attributes.start_time",
+            "orderByAsc": False,
+            "selectedColumns": [
+                *(f"attributes.`{a}`" for a in ("Duration", "Source")),
+                *(f"metrics.`{m}`" for m in metrics),
+            ],  # fmt: skip
+        }
+        self.client.set_experiment_tag(self.experiment_id, SHARED_VIEW + key, json.dumps(view))
+        return f"#/experiments/{self.experiment_id}/runs?viewStateShareKey={key}"
 
     def log_metrics(self, run_id: str, metrics: dict[str, Any], prefix: str = "") -> None:
         """Numeric leaves of a nested dict as metrics (``groups.target:explicit.clip_concept_rate``)."""

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tasks.common import add_runtime_args, setup_runtime
+from tasks.common import add_runtime_args, setup_runtime, threads_for
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "benchmarks" / "removal.yaml"
 
@@ -48,7 +48,7 @@ def _removal(args: argparse.Namespace) -> int:
     tracker = Tracker(uri, args.experiment, artifact_location=artifacts)
     provenance = {"command": " ".join(["hfi", *sys.argv[1:]]), "commit": _commit(), "machine": _machine()}
     results = run_removal_bench(cfg, bench, args.out, quick=args.quick, resume=args.resume, jobs=args.jobs,
-                                threads=args.threads, tracker=tracker, provenance=provenance)  # fmt: skip
+                                threads=threads_for(args), tracker=tracker, provenance=provenance)  # fmt: skip
     print((args.out / "results.md").read_text())
     print(f"grid: {args.out / 'grid.png'}   MLflow: mlflow ui --backend-store-uri {uri}")
     return 0 if results else 1

@@ -46,6 +46,11 @@ def main() -> int:
         "HFI_EXPERIMENT": "hfi-demo",
         "HFI_GIT_COMMIT": _git_commit(),
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+        # `dags test` runs one step at a time, so a step may take both cores of a 2-core machine:
+        # two torch threads sampled and inverted 1.5x faster there, but ran the batch-1 ESD loop
+        # 1.14x slower, so distill keeps one (benchmarks/results/toy_config_history.md).
+        "HFI_THREADS": os.environ.get("HFI_THREADS", "2"),
+        "HFI_THREADS_DISTILL": os.environ.get("HFI_THREADS_DISTILL", "1"),
         "TRANSFORMERS_VERBOSITY": "error",
     }
     t0 = time.time()
@@ -70,9 +75,19 @@ def main() -> int:
         print(f"\n== {night} ({time.time() - t:.0f} s) ==" + report(run), flush=True)
     print(f"done in {time.time() - t0:.0f} s. Browse the nights side by side:")
     print(f"  {BIN / 'mlflow'} ui --backend-store-uri sqlite:///{demo / 'mlflow.db'} --host 127.0.0.1 --port 5000")
-    print("  then http://127.0.0.1:5000: experiment hfi-demo lists one run per night; tick both and press")
-    print("  Compare for their headline metrics side by side (labels_used, reward_auc, concept_rate, ...)")
+    print(f"  then http://127.0.0.1:5000/{_nights_view(env['MLFLOW_TRACKING_URI'])} : one row per night,")
+    print("  with the headline metrics as columns (promoted, concept_rate, labels_used, reward_auc, ...);")
+    print("  tick both nights and press Compare for them side by side, with their image grids")
     return 0
+
+
+def _nights_view(tracking_uri: str) -> str:
+    """The link the nights' parent runs carry to MLflow's runs table with the headline columns."""
+    from mlflow.tracking import MlflowClient
+
+    exp = MlflowClient(tracking_uri).get_experiment_by_name("hfi-demo")
+    runs = MlflowClient(tracking_uri).search_runs([exp.experiment_id], "tags.`hfi.level` = 'parent'", max_results=1)
+    return runs[0].data.tags.get("hfi.nights_view", "") if runs else ""
 
 
 _PAIRS = ("oracle_dotted", "oracle_plain", "oracle_shape_acc", "oracle_color_acc")

@@ -45,7 +45,7 @@ def register(group: Callable[[str, str], argparse._SubParsersAction], top: argpa
 
 
 def _run(name: str, args: argparse.Namespace) -> int:
-    setup_runtime(args)
+    setup_runtime(args, name)
     from hfi_core.steps import run_local_step
 
     sources = [str(s.resolve()) for s in vars(args).get("source", [])]

@@ -30,7 +30,7 @@ def register(top: argparse._SubParsersAction) -> None:
         "--scratch", type=Path, help="local working folder (default: a temporary one; local stores work in place)"
     )
     p.add_argument(
-        "--tracking-uri", default=os.environ.get("MLFLOW_TRACKING_URI"), help="MLflow (default $MLFLOW_TRACKING_URI)"
+        "--tracking-uri", help="MLflow (default $MLFLOW_TRACKING_URI, read after --env-file, which may set it)"
     )
     p.add_argument("--experiment", default=os.environ.get("HFI_EXPERIMENT", "hfi"), help="MLflow experiment")
     p.add_argument(
@@ -95,10 +95,20 @@ def read_env_file(path: Path) -> dict[str, str]:
     return out
 
 
+MLFLOW_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # fmt: skip
+"""How long a step waits for MLflow (unless the deployment says otherwise): 20 s a request, two
+retries, so one call gives up within about 65 s. MLflow's own defaults (120 s, 7 retries with
+doubling back-off) let a hung server hold a step for over an hour. The first call that gives up
+turns the step untracked (``hfi_core.steps``): a step spends at most two such waits on MLflow."""
+
+
 def run(args: argparse.Namespace) -> int:
     if args.env_file:
         os.environ.update(read_env_file(args.env_file))  # before boto3 or MLflow read the environment
-    setup_runtime(args)
+    for var, value in MLFLOW_LIMITS.items():
+        os.environ.setdefault(var, value)
+    setup_runtime(args, args.stage)
     from hfi_core.steps import TrackingContext, run_step
     from hfi_core.store import S3Settings, Store
 

@@ -280,25 +280,41 @@ def merge_lora(unet: UNet2DConditionModel) -> tuple[UNet2DConditionModel, list[s
 # ----------------------------------------------------------------------------- checkpoints
 
 
+CHECKPOINT = "state.pt"
+"""One file per checkpoint: weights, optimiser, both RNGs. A kill can never pair one step's
+weights with another step's RNG state, and one PUT puts it in the run store whole."""
+
+
 def save_checkpoint(
     path: Path, step: int, params: dict[str, torch.Tensor], opt: torch.optim.Optimizer,
     rng: np.random.Generator, gen: torch.Generator,
-) -> None:  # fmt: skip
-    """Everything a resumed run needs to continue bit for bit; written atomically."""
+) -> Path:  # fmt: skip
+    """Everything a resumed run needs to continue bit for bit, as ``path/state.pt``, written to a
+    unique temporary name, fsynced, then renamed over the old one. Returns the file."""
+    import tempfile
+
     path.mkdir(parents=True, exist_ok=True)
-    tmp = path / "state.pt.tmp"
-    torch.save({"step": step, "params": params, "opt": opt.state_dict(), "gen": gen.get_state()}, tmp)
-    (path / "rng.json.tmp").write_text(json.dumps(rng.bit_generator.state))  # big ints: JSON, not pickle
-    os.replace(path / "rng.json.tmp", path / "rng.json")
-    os.replace(tmp, path / "state.pt")
+    state = {"step": step, "params": params, "opt": opt.state_dict(), "gen": gen.get_state(),
+             "rng": json.dumps(rng.bit_generator.state)}  # big ints: JSON text, not pickle  # fmt: skip
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{CHECKPOINT}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path / CHECKPOINT)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path / CHECKPOINT
 
 
 def load_checkpoint(path: Path, opt: torch.optim.Optimizer, rng: np.random.Generator, gen: torch.Generator):
     """Restore optimiser and RNG states in place; returns ``(step, params)`` or ``None``."""
-    if not (path / "state.pt").exists():
+    if not (path / CHECKPOINT).exists():
         return None
-    state = torch.load(path / "state.pt", weights_only=True)
+    state = torch.load(path / CHECKPOINT, weights_only=True)
     opt.load_state_dict(state["opt"])
     gen.set_state(state["gen"])
-    rng.bit_generator.state = json.loads((path / "rng.json").read_text())
+    rng.bit_generator.state = json.loads(state["rng"])
     return state["step"], state["params"]

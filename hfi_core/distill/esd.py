@@ -12,6 +12,7 @@ prompt, and only cross-attention training (the "-x" variant). The trained UNet i
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -51,10 +52,11 @@ def train_esd(
     *,
     resume: bool = False,
     show_progress: bool = True,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> tuple[UNet2DConditionModel, list[str], list[float]]:
     """Erase what ``concept_prompts`` name from ``pipe.unet`` by ESD-x.
 
-    Returns ``(unet, trained_names, losses)`` like ``train_sdd``.
+    Returns ``(unet, trained_names, losses)`` like ``train_sdd`` (whose arguments it takes).
     """
     unet = pipe.unet
     frozen = copy.deepcopy(unet).eval().requires_grad_(False)
@@ -81,8 +83,10 @@ def train_esd(
         losses.append(loss.item())
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             current = dict(unet.named_parameters())
-            save_checkpoint(
+            saved = save_checkpoint(
                 ckpt, step + 1, {f"student.{n}": current[n].detach().clone() for n in names}, s.opt, s.rng, s.gen
             )
+            if on_checkpoint is not None:
+                on_checkpoint(saved)
     unet.eval()
     return unet, names, losses

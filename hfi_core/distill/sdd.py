@@ -18,6 +18,7 @@ The EMA teacher is what is saved and evaluated.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -57,11 +58,13 @@ def train_sdd(
     *,
     resume: bool = False,
     show_progress: bool = True,
+    on_checkpoint: Callable[[Path], None] | None = None,
 ) -> tuple[UNet2DConditionModel, list[str], list[float]]:
     """Erase what ``concept_prompts`` name from ``pipe.unet``.
 
     Args:
         work: checkpoint folder (``work/checkpoint``); ``resume`` continues from it.
+        on_checkpoint: called with each checkpoint file once it is written whole.
     Returns:
         ``(teacher, trained_names, losses)``: the EMA UNet, the names of the parameters that
         trained, and the loss of every step run by this call.
@@ -93,6 +96,8 @@ def train_sdd(
             student, teacher = dict(unet.named_parameters()), dict(ema.teacher.named_parameters())
             params = {f"student.{n}": student[n].detach().clone() for n in names}
             params |= {f"teacher.{n}": teacher[n].detach().clone() for n in names}
-            save_checkpoint(ckpt, step + 1, params, s.opt, s.rng, s.gen)
+            saved = save_checkpoint(ckpt, step + 1, params, s.opt, s.rng, s.gen)
+            if on_checkpoint is not None:
+                on_checkpoint(saved)  # e.g. copy it to the run store, where a retried step finds it
     unet.eval()
     return ema.teacher, names, losses

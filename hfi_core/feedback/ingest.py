@@ -21,10 +21,8 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
-import json
 import os
 import re
-import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,6 +42,8 @@ from hfi_core.feedback.labelstudio import (
     parse_full_export,
     parse_min_choice,
     ranking_of,
+    shown,
+    strict_json,
 )
 
 SAFE_ID = re.compile(r"^[A-Za-z0-9_.:-]+$")
@@ -68,18 +68,44 @@ class IngestSettings:
 # ----------------------------------------------------------------------------- reading
 
 
-def _read_text(path: Path, settings: IngestSettings) -> str:
+MAX_VALUES = 4_000_000
+"""Values (counted by separators: commas, newlines, braces, brackets) an export may hold: a 100 MB
+file of a million tiny objects would otherwise need several GB once parsed. A Label Studio
+export of 100,000 tasks holds about 3 million."""
+MAX_RANKED = 50
+"""Images one ranking may order (its pairs grow as the square)."""
+MAX_PAIRS = 2_000_000
+"""Pairs all rankings together may expand to."""
+
+
+def read_source(path: Path, settings: IngestSettings) -> bytes:
+    """An export's bytes, read once: the size is checked before reading, so a huge file is never
+    read; every later step (hash, parse, raw copy) uses these same bytes."""
     name = str(path)
+    try:
+        size = path.stat().st_size
+    except OSError:
+        raise FeedbackError(name, None, None, "no such file") from None
     if not path.is_file():
-        raise FeedbackError(name, None, None, "no such file")
-    size = path.stat().st_size
+        raise FeedbackError(name, None, None, "not a regular file")
     if size > settings.max_file_mb * 2**20:
         raise FeedbackError(name, None, None, f"{size / 2**20:.1f} MB is over the {settings.max_file_mb} MB limit")
-    raw = path.read_bytes()
+    with open(path, "rb") as f:
+        return f.read(int(settings.max_file_mb * 2**20) + 1)  # a file that grew meanwhile is cut, then refused
+
+
+def _decode(raw: bytes, name: str, settings: IngestSettings) -> str:
+    if len(raw) > settings.max_file_mb * 2**20:
+        raise FeedbackError(name, None, None, f"over the {settings.max_file_mb} MB limit")
+    values = raw.count(b",") + raw.count(b"\n") + raw.count(b"{") + raw.count(b"[")
+    if values > MAX_VALUES:
+        raise FeedbackError(name, None, None, f"about {values} values, over the {MAX_VALUES} an export may hold")
     try:
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise FeedbackError(name, None, None, f"not UTF-8 (byte {e.start}: {raw[e.start : e.start + 1]!r})") from None
+    if "\x00" in text:
+        raise FeedbackError(name, None, None, "contains a NUL character: not a text export")
     if not text.strip():
         raise FeedbackError(name, None, None, "empty file")
     return text
@@ -90,7 +116,7 @@ def _check_cell(value: Any, source: str, record: int, field: str) -> str:
     if text.startswith(FORMULA_PREFIXES):
         raise FeedbackError(
             source, record, field,
-            f"{text[:40]!r} looks like a spreadsheet formula; cells starting with = + - @ are refused, never evaluated",
+            f"{shown(text, 40)} looks like a spreadsheet formula; cells starting with = + - @ are refused",
         )  # fmt: skip
     return text
 
@@ -107,23 +133,23 @@ def _rows_of(path: Path, text: str) -> tuple[str, Any]:
             raise FeedbackError(name, reader.line_num, None, f"invalid CSV: {e}") from None
         if not reader.fieldnames:
             raise FeedbackError(name, None, None, "CSV has no header row")
+        if len(set(reader.fieldnames)) != len(reader.fieldnames):
+            raise FeedbackError(name, 0, None, "a column name appears twice in the header")
+        for i, row in enumerate(rows):
+            if None in row:  # csv.DictReader's key for cells beyond the header
+                raise FeedbackError(name, i, None, f"{len(reader.fieldnames) + len(row[None])} cells, but "
+                                    f"{len(reader.fieldnames)} columns in the header")  # fmt: skip
         return ("min" if "annotation_id" in reader.fieldnames else "plain"), rows
     if suffix == ".jsonl":
         rows = []
-        for i, line in enumerate(text.splitlines()):
+        # Records end at "\n" only: str.splitlines() would also cut at U+2028, U+0085 and other
+        # characters JSON allows inside strings.
+        for i, line in enumerate(text.split("\n")):
             if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise FeedbackError(name, i, None, f"invalid JSON: {e.msg} at column {e.colno}") from None
+                rows.append(strict_json(line.removesuffix("\r"), name, i))
         return "plain", rows
     if suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise FeedbackError(
-                name, None, None, f"invalid JSON: {e.msg} at line {e.lineno} column {e.colno}"
-            ) from None
+        data = strict_json(text, name)
         if not isinstance(data, list):
             raise FeedbackError(
                 name, None, None, f"expected a JSON array (a Label Studio export), got {type(data).__name__}"
@@ -133,7 +159,7 @@ def _rows_of(path: Path, text: str) -> tuple[str, Any]:
         if data and all(isinstance(t, dict) and "annotation_id" in t for t in data):
             return "min", data
         return "plain", data
-    raise FeedbackError(name, None, None, f"unknown file type {suffix!r}; expected .json, .jsonl or .csv")
+    raise FeedbackError(name, None, None, f"unknown file type {shown(suffix, 20)}; expected .json, .jsonl or .csv")
 
 
 # ----------------------------------------------------------------------------- validation
@@ -151,33 +177,46 @@ class _Checker:
 
     def image_id(self, value: Any, source: str, record: int, field: str) -> str:
         if not isinstance(value, str) or not value:
-            raise FeedbackError(source, record, field, f"expected an image id string, got {value!r}")
+            raise FeedbackError(source, record, field, f"expected an image id string, got {shown(value)}")
         if "/" in value or "\\" in value or ".." in value or not SAFE_ID.match(value):
-            raise FeedbackError(source, record, field, f"{value!r} is not a safe image id (no '/', '\\', '..')")
+            raise FeedbackError(source, record, field, f"{shown(value)} is not a safe image id (no '/', '\\', '..')")
         if value not in self.uri_of and value not in self.elsewhere:
-            raise FeedbackError(source, record, field, f"unknown image id {value!r} (not in the manifest)")
+            raise FeedbackError(source, record, field, f"unknown image id {shown(value)} (not in the manifest)")
         return value
 
     def image_url(self, url: Any, image_id: str, source: str, record: int, field: str) -> None:
         if url is None or image_id not in self.uri_of:
             return
         if not isinstance(url, str):
-            raise FeedbackError(source, record, field, f"expected a URL string, got {url!r}")
+            raise FeedbackError(source, record, field, f"expected a URL string, got {shown(url)}")
         if self.s.image_store is not None and not url.startswith(self.s.image_store):
             raise FeedbackError(
-                source, record, field, f"{url!r} is outside the configured image store {self.s.image_store!r}"
+                source, record, field, f"{shown(url)} is outside the configured image store {shown(self.s.image_store)}"
             )
         if not url.split("?")[0].endswith(self.uri_of[image_id]) and not url.endswith(self.uri_of[image_id]):
-            raise FeedbackError(source, record, field, f"{url!r} is not the file of image {image_id!r}")
+            raise FeedbackError(source, record, field, f"{shown(url)} is not the file of image {shown(image_id)}")
 
     def label(self, choices: list[str], source: str, record: int, field: str) -> int:
         allowed = {self.s.positive: 1, self.s.negative: 0}
         if len(choices) != 1:
-            raise FeedbackError(source, record, field, f"expected exactly one of {list(allowed)}, got {choices}")
+            got = shown(choices[:3])
+            raise FeedbackError(source, record, field, f"expected exactly one of {list(allowed)}, got {got}")
         c = choices[0]
         if c in allowed:
             return allowed[c]
-        raise FeedbackError(source, record, field, f"label {c!r} is not one of {list(allowed)}")
+        raise FeedbackError(source, record, field, f"label {shown(c)} is not one of {list(allowed)}")
+
+
+def _ranked(order: list[Any], check: _Checker, source: str, record: int, field: str) -> tuple[str, ...]:
+    """A ranking's valid ids: at most ``MAX_RANKED`` of them (counted first), each at most once (a
+    repeated id would pair an image with itself)."""
+    if len(order) > MAX_RANKED:
+        raise FeedbackError(source, record, field, f"{len(order)} images in one ranking; at most {MAX_RANKED}")
+    ids = tuple(check.image_id(x, source, record, field) for x in order)
+    if len(set(ids)) != len(ids):
+        dup = next(x for i, x in enumerate(ids) if x in ids[:i])
+        raise FeedbackError(source, record, field, f"image {shown(dup)} is ranked twice in one ranking")
+    return ids
 
 
 def _plain_label(value: Any, check: _Checker, source: str, record: int) -> int:
@@ -189,14 +228,19 @@ def _plain_label(value: Any, check: _Checker, source: str, record: int) -> int:
 
 
 def parse_source(
-    path: Path, manifest: pd.DataFrame, settings: IngestSettings, elsewhere: frozenset[str] = frozenset()
+    path: Path,
+    manifest: pd.DataFrame,
+    settings: IngestSettings,
+    elsewhere: frozenset[str] = frozenset(),
+    data: bytes | None = None,
 ) -> list[Vote] | list[Ranking]:
     """Parse and validate one export. Raises ``FeedbackError`` at the first problem.
 
     ``elsewhere``: image ids drawn on other nights (the image pool's), valid but not in ``manifest``.
+    ``data``: the export's bytes when already read (``read_source``); ``path`` then only names it.
     """
     name = str(path)
-    text = _read_text(path, settings)
+    text = _decode(read_source(Path(path), settings) if data is None else data, name, settings)
     fmt, rows = _rows_of(path, text)
     check = _Checker(manifest, settings, elsewhere)
     out: list = []
@@ -217,7 +261,7 @@ def parse_source(
                 out.append(Vote(name, i, ann_id, who, image_id, label, when))
             else:
                 order = ranking_of(ann, name, i, RANKER)
-                ids = tuple(check.image_id(x, name, i, "result.value.ranker") for x in order)
+                ids = _ranked(order, check, name, i, "result.value.ranker")
                 out.append(Ranking(name, i, ann_id, who, ids))
     else:
         for i, row in enumerate(rows):
@@ -246,7 +290,7 @@ def parse_source(
                     raise FeedbackError(
                         name, i, "image_ids", "expected a list of at least 2 image ids, strongest first"
                     )
-                ids = tuple(check.image_id(x, name, i, "image_ids") for x in ids)
+                ids = _ranked(ids, check, name, i, "image_ids")
                 out.append(
                     Ranking(name, i, str(row.get("annotation_id") or f"{name}#{i}"), str(row.get("annotator")), ids)
                 )
@@ -287,7 +331,7 @@ def aggregate_votes(votes: list[Vote]) -> pd.DataFrame:
         if prev is not None and (prev.label != v.label or prev.image_id != v.image_id):
             raise FeedbackError(
                 v.source, v.record, "annotation_id",
-                f"annotation {v.annotation_id!r} appears twice with different labels "
+                f"annotation {shown(v.annotation_id)} appears twice with different labels "
                 f"({prev.source} record {prev.record}: {prev.image_id}={prev.label}; here: {v.image_id}={v.label})",
             )  # fmt: skip
         by_id[v.annotation_id] = v
@@ -324,10 +368,12 @@ def expand_rankings(rankings: list[Ranking]) -> pd.DataFrame:
                     r.source,
                     r.record,
                     "annotation_id",
-                    f"annotation {r.annotation_id!r} appears twice with different orders",
+                    f"annotation {shown(r.annotation_id)} appears twice with different orders",
                 )
             continue
         seen[r.annotation_id] = r
+        if len(rows) + len(r.image_ids) * (len(r.image_ids) - 1) // 2 > MAX_PAIRS:
+            raise FeedbackError(r.source, r.record, None, f"the rankings expand to more than {MAX_PAIRS} pairs")
         for a in range(len(r.image_ids)):
             for b in range(a + 1, len(r.image_ids)):
                 rows.append(
@@ -344,13 +390,27 @@ def expand_rankings(rankings: list[Ranking]) -> pd.DataFrame:
 # ----------------------------------------------------------------------------- the transaction
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _raw_name(path: Path, sha: str) -> str:
-    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", path.name)
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", path.name)[-80:]
     return f"{sha[:16]}-{safe}"
+
+
+def _write_atomic(dest: Path, write: Any) -> None:
+    """``write(file)`` into a uniquely named temporary file beside ``dest``, fsynced, then renamed
+    over ``dest``: a reader sees the old file or the whole new one, and two writers never share a
+    temporary name. A temporary left by a kill starts with "." and ends with ".tmp"."""
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def ingest(
@@ -368,20 +428,24 @@ def ingest(
     source is bad.
     """
     out = Path(out)
-    earlier = sorted((out / RAW).glob("*")) if (out / RAW).is_dir() else []
+    if (out / RAW).is_dir():  # what a killed ingest left: never read, and removed
+        for leftover in (out / RAW).glob(".*"):
+            leftover.unlink(missing_ok=True)
+    earlier = sorted((out / RAW).glob("[!.]*")) if (out / RAW).is_dir() else []
     known = {p.name.split("-", 1)[0] for p in earlier}
-    new: list[tuple[Path, str]] = []
-    for src in sources:
-        src = Path(src)
-        if not src.is_file():
-            raise FeedbackError(str(src), None, None, "no such file")
-        sha = _sha256(src)
-        if sha[:16] not in known and all(sha != s for _, s in new):
-            new.append((src, sha))
+    # Every source is read once: the bytes hashed are the bytes parsed and the bytes copied.
+    new: list[tuple[Path, str, bytes]] = []
+    for src in map(Path, sources):
+        data = read_source(src, settings)
+        sha = hashlib.sha256(data).hexdigest()
+        if sha[:16] not in known and all(sha != s for _, s, _ in new):
+            new.append((src, sha, data))
     # Parse everything first: nothing is written unless every source is valid.
     parsed = []
-    for path in [*earlier, *(p for p, _ in new)]:
+    for path in earlier:
         parsed += parse_source(path, manifest, settings, elsewhere)
+    for path, _, data in new:
+        parsed += parse_source(path, manifest, settings, elsewhere, data=data)
     in_batch = set(manifest.image_id)
     kept = [x for x in parsed if all(i in in_batch for i in (x.image_ids if isinstance(x, Ranking) else [x.image_id]))]
     outside, parsed = len(parsed) - len(kept), kept
@@ -391,14 +455,9 @@ def ingest(
         table, name = expand_rankings(parsed), PAIRS
 
     (out / RAW).mkdir(parents=True, exist_ok=True)
-    for src, sha in new:
-        dest = out / RAW / _raw_name(src, sha)
-        tmp = dest.with_name(f".{dest.name}.tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, dest)
-    tmp = out / f".{name}.tmp"
-    table.to_parquet(tmp, index=False)
-    os.replace(tmp, out / name)
+    for src, sha, data in new:
+        _write_atomic(out / RAW / _raw_name(src, sha), lambda f, data=data: f.write(data))
+    _write_atomic(out / name, lambda f: table.to_parquet(f, index=False))
     summary = {
         "kind": settings.kind,
         "sources": len(earlier) + len(new),

@@ -26,12 +26,74 @@ IMAGE = "image"  # name of the Image object tag / the data field holding the URL
 
 
 class FeedbackError(ValueError):
-    """Bad feedback input; the message names the file, the record and the field."""
+    """Bad feedback input: one line of at most ``MAX_MESSAGE`` characters naming the file, the
+    record and the field. Long parts are cut (a 50 MB id must not become a 50 MB log line)."""
+
+    MAX_MESSAGE = 300
 
     def __init__(self, file: str, record: int | str | None, field: str | None, problem: str) -> None:
-        where = file if record is None else f"{file}: record {record}"
-        where += f", field '{field}'" if field else ""
-        super().__init__(f"{where}: {problem}")
+        file = _cut(str(file), 90, keep_end=True)  # the end of a path names the file
+        where = file if record is None else f"{file}: record {_cut(str(record), 20)}"
+        where += f", field '{_cut(str(field), 50)}'" if field else ""
+        line = f"{where}: {problem}"
+        super().__init__(_cut(" ".join(line.split()), self.MAX_MESSAGE))
+
+
+def _cut(text: str, limit: int, keep_end: bool = False) -> str:
+    if len(text) <= limit:
+        return text
+    return "..." + text[-(limit - 3) :] if keep_end else text[: limit - 3] + "..."
+
+
+def shown(value: Any, limit: int = 60) -> str:
+    """``repr(value)`` cut to ``limit`` characters, for error messages."""
+    return _cut(repr(value) if not isinstance(value, (dict, list)) else type(value).__name__, limit)
+
+
+MAX_DEPTH = 32
+"""How deeply an export may nest (Label Studio's full export nests 7 levels)."""
+
+
+class _Refused(Exception):
+    pass
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Refused(f"duplicate key {shown(key, 40)} in one object")
+            seen.add(key)
+    return out
+
+
+def _no_constant(name: str) -> Any:
+    raise _Refused(f"{name} is not a number JSON allows")
+
+
+def strict_json(text: str, source: str, record: int | None = None, field: str | None = None) -> Any:
+    """``json.loads`` that refuses NaN, Infinity, duplicate keys and nesting deeper than
+    ``MAX_DEPTH``, with a ``FeedbackError`` naming where (Python's own json accepts the first
+    three silently and meets deep nesting with a RecursionError)."""
+    try:
+        data = json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constant)
+    except json.JSONDecodeError as e:
+        at = f"line {e.lineno} column {e.colno}" if record is None else f"column {e.colno}"
+        raise FeedbackError(source, record, field, f"invalid JSON: {e.msg} at {at}") from None
+    except _Refused as e:
+        raise FeedbackError(source, record, field, f"invalid JSON: {e}") from None
+    except RecursionError:
+        raise FeedbackError(source, record, field, f"nested more than {MAX_DEPTH} levels deep") from None
+    stack = [(data, 1)]
+    while stack:  # iterative: a depth check must not itself recurse
+        node, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise FeedbackError(source, record, field, f"nested more than {MAX_DEPTH} levels deep")
+        children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+        stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
+    return data
 
 
 @dataclass(frozen=True)
@@ -213,10 +275,7 @@ def ranking_of(ann: dict, source: str, record: int, control: str = RANKER) -> li
 def parse_min_choice(cell: Any, source: str, record: int, field: str) -> list[str]:
     """A JSON_MIN/CSV control cell: ``"striped"``, or ``{"choices": [...]}`` (as JSON or a string)."""
     if isinstance(cell, str) and cell.startswith("{"):
-        try:
-            cell = json.loads(cell)
-        except json.JSONDecodeError:
-            raise FeedbackError(source, record, field, f"{cell!r} is neither a choice nor valid JSON") from None
+        cell = strict_json(cell, source, record, field)
     if isinstance(cell, dict):
         choices = cell.get("choices")
         if not isinstance(choices, list):

@@ -62,7 +62,7 @@ def check_groups() -> list[PromptGroup]:
 
 def load_pipeline(sd_dir: Path) -> StableDiffusionPipeline:
     """The world's SD pipeline with DPM-Solver++ (20 steps are enough for it)."""
-    pipe = StableDiffusionPipeline.from_pretrained(sd_dir)
+    pipe = StableDiffusionPipeline.from_pretrained(sd_dir, use_safetensors=True)
     pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
@@ -94,8 +94,8 @@ def _group_stats(oracle: Oracle, images: np.ndarray, colors: list[str], shapes: 
 def heldout_accuracies(world: Path, scenes: list[Scene]) -> dict[str, float]:
     """Oracle accuracy on renders and on their VAE reconstructions; CLIP zero-shot on renders."""
     world = Path(world)
-    oracle = Oracle.from_pretrained(world / "oracle").eval()
-    vae = AutoencoderKL.from_pretrained(world / "sd" / "vae").eval()
+    oracle = Oracle.from_pretrained(world / "oracle", use_safetensors=True).eval()
+    vae = AutoencoderKL.from_pretrained(world / "sd" / "vae", use_safetensors=True).eval()
     renders = render_many(scenes)
     decoded = tensor_to_images(vae_roundtrip(vae, images_to_tensor(renders)))
     out: dict[str, float] = {}
@@ -114,7 +114,7 @@ def heldout_accuracies(world: Path, scenes: list[Scene]) -> dict[str, float]:
 
 def clip_zero_shot_style(clip_dir: Path, images: np.ndarray) -> list[str]:
     """Each image's style by CLIP zero-shot: nearest mean text embedding of the style's phrases."""
-    model = CLIPModel.from_pretrained(clip_dir).eval()
+    model = CLIPModel.from_pretrained(clip_dir, use_safetensors=True).eval()
     processor = CLIPProcessor.from_pretrained(clip_dir)
     # (3, D): one prompt ensemble per style, as CLIP's zero-shot recipe does with templates
     text = torch.stack(
@@ -143,7 +143,7 @@ def check_world(
     """
     world = Path(world)
     pipe = load_pipeline(world / "sd")
-    oracle = Oracle.from_pretrained(world / "oracle").eval()
+    oracle = Oracle.from_pretrained(world / "oracle", use_safetensors=True).eval()
     seeds = list(range(seed, seed + n))
     groups = {}
     for g in check_groups():

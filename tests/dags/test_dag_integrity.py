@@ -156,7 +156,8 @@ import hfi_steps
 out = {}
 for stage in hfi_steps.STAGES:
     op = hfi_steps.step_task(stage)
-    info = {"class": type(op).__name__}
+    from airflow.providers.docker.operators.docker import DockerOperator
+    info = {"class": "DockerOperator" if isinstance(op, DockerOperator) else type(op).__name__}
     if info["class"] == "DockerOperator":
         info["gpu"] = [r.count for r in (op.device_requests or [])]
         info["entrypoint"], info["command"] = op.entrypoint, op.command
@@ -199,3 +200,60 @@ def test_one_setting_switches_steps_to_docker_or_kubernetes_with_gpus_only_where
     assert pods["distill"]["gpu"] == "1" and pods["distill"]["tolerations"] == 1
     assert pods["distill"]["node_selector"] == {"nvidia.com/gpu.present": "true"}
     assert pods["reward"]["gpu"] is None and pods["reward"]["tolerations"] == 0
+
+
+def test_bad_input_fails_the_task_at_once_and_other_failures_are_retried():
+    """``hfi`` exits 2 for bad input: the local runner and the Docker operator raise Airflow's
+    fail-without-retry exception for it, and an ordinary error for anything else."""
+    code = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import hfi_steps
+from airflow.exceptions import AirflowFailException
+from airflow.providers.docker.exceptions import DockerContainerFailedException
+from airflow.providers.docker.operators.docker import DockerOperator
+
+def outcome(fn):
+    try:
+        fn()
+    except AirflowFailException:
+        return "fail-at-once"
+    except Exception as e:
+        return type(e).__name__
+    return "ok"
+
+py = sys.executable
+print("RESULT", outcome(lambda: hfi_steps.run_argv(py, "-c", "import sys; sys.exit(2)")))
+print("RESULT", outcome(lambda: hfi_steps.run_argv(py, "-c", "import sys; sys.exit(1)")))
+op = hfi_steps.step_task("reward")
+for code in (2, 1, 23):
+    def boom(self, context, code=code):
+        raise DockerContainerFailedException(f"Docker container failed: {{'StatusCode': {code}, 'Error': None}}")
+    DockerOperator.execute = boom
+    print("RESULT", outcome(lambda: op.execute({})))
+"""
+    env = {**os.environ, "HFI_STEP_RUNNER": "docker"}
+    result = subprocess.run([sys.executable, "-c", code, str(DAGS)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert got == ["fail-at-once", "RuntimeError", "fail-at-once", "DockerContainerFailedException",
+                                     "DockerContainerFailedException"]  # fmt: skip
+
+
+def test_a_credential_in_a_passed_through_uri_never_reaches_a_containers_environment():
+    code = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import hfi_steps
+op = hfi_steps.step_task("reward")
+print("RESULT", json.dumps(op.environment))
+print("RESULT", json.dumps([hfi_steps.without_credentials(v) for v in
+      ("http://u:p%40ss@mlflow:5000/x", "https://tok@h/", "http://h:1", "databricks", "file:///a/b")]))
+"""
+    env = {**os.environ, "HFI_STEP_RUNNER": "docker", "MLFLOW_TRACKING_URI": "http://hfi:s3cr3t-9f@127.0.0.1:5000"}
+    result = subprocess.run([sys.executable, "-c", code, str(DAGS)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    environment, cases = (json.loads(line.split(" ", 1)[1]) for line in result.stdout.splitlines()
+                          if line.startswith("RESULT "))  # fmt: skip
+    assert environment["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000" and "s3cr3t" not in json.dumps(environment)
+    assert cases == ["http://mlflow:5000/x", "https://h/", "http://h:1", "databricks", "file:///a/b"]

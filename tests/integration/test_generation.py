@@ -111,3 +111,23 @@ def test_sld_at_generation_changes_the_images_and_is_recorded(world, tmp_path):
     safe = read_manifest(generate(safe_cfg, tmp_path / "b", show_progress=False).manifest)
     assert set(safe.sld) == {"max"} and plain.sld.isna().all()
     assert (plain.seed.tolist() == safe.seed.tolist()) and not set(plain.sha256) & set(safe.sha256)
+
+
+def test_a_model_folder_with_only_pickled_bin_weights_is_refused(world, tmp_path):
+    import pytest
+    from diffusers import StableDiffusionPipeline
+
+    from hfi_core.config import ModelConfig
+    from hfi_core.models import load_sd_pipeline
+
+    import torch
+    from safetensors.torch import load_file
+
+    pipe = StableDiffusionPipeline.from_pretrained(world / "sd", use_safetensors=True)
+    pipe.save_pretrained(tmp_path / "bin-only", safe_serialization=False)
+    for st in (tmp_path / "bin-only").rglob("*.safetensors"):  # transformers writes safetensors regardless
+        torch.save(load_file(st), st.with_name("pytorch_model.bin"))
+        st.unlink()
+    assert not list((tmp_path / "bin-only").rglob("*.safetensors")) and list((tmp_path / "bin-only").rglob("*.bin"))
+    with pytest.raises(ValueError, match=r"bin-only: no .safetensors weights .*loads no pickled \.bin weights"):
+        load_sd_pipeline(ModelConfig(path=str(tmp_path / "bin-only")))

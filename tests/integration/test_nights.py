@@ -114,3 +114,112 @@ def test_the_base_model_is_evaluated_once_per_store_and_every_night_reads_it_bac
     # Without a registry there is no champion to challenge: the verdict says so.
     reg = json.loads((root / "night-2" / "register" / "registration.json").read_text())
     assert reg["champion"] is False and reg["reason"].startswith("not tracked")
+
+
+def test_a_distill_step_killed_mid_run_resumes_from_the_stores_checkpoint_bit_for_bit(nights, tmp_path):
+    """Under the step runner, as the DAGs run it: SIGKILL once a checkpoint is in the store, retry."""
+    import hashlib
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    import yaml
+
+    cfg_path = tmp_path / "long.yaml"
+    data = yaml.safe_load((nights["root"] / "night.yaml").read_text())
+    data["distill"].update(steps=90, checkpoint_every=3)
+    cfg_path.write_text(yaml.safe_dump(data))
+    for night in ("unbroken", "killed"):
+        for dep in ("generate", "feedback", "reward", "invert"):
+            shutil.copytree(nights["root"] / "night-1" / dep, tmp_path / "store" / night / dep)
+    hfi = Path(sys.executable).parent / "hfi"
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"} | {"OMP_NUM_THREADS": "1"}
+
+    def step(night: str) -> subprocess.Popen:
+        argv = [str(hfi), "step", "distill", "--config", str(cfg_path), "--run-uri", str(tmp_path / "store" / night)]
+        return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    assert step("unbroken").wait(timeout=600) == 0
+    killed = step("killed")
+    checkpoints = tmp_path / "store" / "killed" / ".checkpoints" / "distill"
+    deadline = time.time() + 300
+    while not list(checkpoints.glob("*.pt")) and killed.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait(timeout=30)
+    assert killed.returncode == -signal.SIGKILL, "the step ended before it could be killed"
+    assert not (tmp_path / "store" / "killed" / "distill" / "_SUCCESS").exists()
+    retry = step("killed")
+    out, _ = retry.communicate(timeout=600)
+    assert retry.returncode == 0, out[-2000:]
+    metrics = json.loads((tmp_path / "store" / "killed" / "distill" / "metrics.json").read_text())
+    assert 0 < metrics["steps_run"] < 90  # it resumed: only the steps after the checkpoint ran again
+
+    def weights(night: str) -> dict[str, str]:
+        folder = tmp_path / "store" / night / "distill"
+        return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in folder.rglob("*.safetensors")}  # fmt: skip
+
+    assert weights("killed") == weights("unbroken") and len(weights("unbroken")) >= 2
+    assert not list(checkpoints.glob("*")), "the finished step's checkpoints are left in the store"
+    marker = json.loads((tmp_path / "store" / "killed" / "distill" / "_SUCCESS").read_text())
+    assert not any(k.startswith("checkpoint/") for k in marker["outputs"])
+
+
+def test_with_mlflow_refusing_or_hung_a_step_still_commits_and_register_fails_to_be_retried(nights, tmp_path):
+    """A closed port and a server that accepts and never answers, with the step's own MLflow
+    limits (tasks/step.py MLFLOW_LIMITS: about 65 s per call, at most two such waits)."""
+    import os
+    import shutil
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+    from pathlib import Path
+
+    from tasks.step import MLFLOW_LIMITS
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()  # nothing listens there now
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(16)
+    held = []
+    threading.Thread(target=lambda: [held.append(hung.accept()) for _ in range(64)], daemon=True).start()
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"OMP_NUM_THREADS": "1"}
+    hfi = str(Path(sys.executable).parent / "hfi")
+    config = str(nights["root"] / "night.yaml")
+    procs = {}
+    for case, port in (("closed", closed_port), ("hung", hung.getsockname()[1])):
+        for name, deps in (("publish", ("generate",)), ("register", ("generate", "distill", "evaluate"))):
+            night = tmp_path / f"{case}-{name}"
+            for dep in deps:
+                shutil.copytree(nights["root"] / "night-1" / dep, night / dep)
+            argv = [hfi, "step", name, "--config", config, "--run-uri", str(night),
+                    "--tracking-uri", f"http://127.0.0.1:{port}"]  # fmt: skip
+            procs[case, name] = (night, subprocess.Popen(argv, env=env, stdout=subprocess.PIPE,
+                                                         stderr=subprocess.PIPE, text=True))  # fmt: skip
+    t0 = time.time()
+    bound = 2 * (int(MLFLOW_LIMITS["MLFLOW_HTTP_REQUEST_TIMEOUT"]) + 5) * 3 + 60  # two waits, and start-up
+    for (_case, name), (night, proc) in procs.items():
+        out, err = proc.communicate(timeout=bound)
+        if name == "publish":
+            assert proc.returncode == 0, err[-2000:]
+            marker = json.loads((night / "publish" / "_SUCCESS").read_text())
+            assert marker["mlflow_run_id"] is None and len(marker["tracking"]) == 1
+            warning = [line for line in err.splitlines() if "untracked" in line]
+            assert len(warning) == 1 and len(warning[0]) < 400, err[-2000:]
+            assert "could not open its MLflow runs" in warning[0]
+        else:  # the registry is its work: it fails, with an ordinary error Airflow retries
+            assert proc.returncode not in (0, 2), err[-2000:]
+            assert not (night / "register" / "_SUCCESS").exists()
+    assert time.time() - t0 < bound
+    hung.close()

@@ -26,16 +26,22 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
 
+import mlflow.artifacts
 import pandas as pd
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+
+from hfi_core.config import load_config
+from hfi_core.stages import headline_keys
 
 ROOT = Path(__file__).parents[2]
 BIN = Path(sys.executable).parent
@@ -230,9 +236,12 @@ def nights(dockerd, step_image, services, labelstudio, small_config, free_port, 
     cfg["feedback"].update(source="labelstudio", labelstudio={"url": labelstudio})
     config.write_text(yaml.safe_dump(cfg))
     s3.upload_file(str(config), bucket, "configs/production.yaml")
+    # A tracking URI with a user part, as a server behind basic auth needs: the secret in it
+    # must reach the step through the env file only, never Airflow's rendered environment.
+    tracking = services["mlflow"].replace("http://", f"http://hfi-e2e:{SECRET}@", 1)
     env_file = tmp / "hfi.env"  # credentials: worker host file -> container, never through Airflow
     env_file.write_text(f"AWS_ACCESS_KEY_ID={SECRET}\nAWS_SECRET_ACCESS_KEY={SECRET}\nAWS_DEFAULT_REGION=us-east-1\n"
-                        f"LABEL_STUDIO_API_KEY={LS_TOKEN}\n")  # fmt: skip
+                        f"LABEL_STUDIO_API_KEY={LS_TOKEN}\nMLFLOW_TRACKING_URI={tracking}\n")  # fmt: skip
     env_file.chmod(0o644)
     db = f"airflow_{uuid.uuid4().hex[:8]}"
     _psql(f"CREATE DATABASE {db}")
@@ -272,7 +281,7 @@ def nights(dockerd, step_image, services, labelstudio, small_config, free_port, 
         "HFI_DOCKER_URL": dockerd,
         "HFI_DOCKER_NETWORK": "host",  # moto, MLflow and Label Studio listen on the host's 127.0.0.1
         "HFI_DOCKER_ENV_FILE": str(env_file),
-        "MLFLOW_TRACKING_URI": services["mlflow"],
+        "MLFLOW_TRACKING_URI": tracking,
         "HFI_S3_ENDPOINT_URL": services["s3"],
         "HFI_EXPERIMENT": "hfi-nightly",
         "HFI_GIT_COMMIT": "test-commit",
@@ -283,6 +292,17 @@ def nights(dockerd, step_image, services, labelstudio, small_config, free_port, 
     subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True)
     before = _listeners()
     seen: set[str] = set()
+    inspected: dict[str, str] = {}  # `docker inspect` of every step container, caught while it runs
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            for cid in _docker(dockerd, "ps", "-q", timeout=30).stdout.split():
+                if cid not in inspected:
+                    inspected[cid] = _docker(dockerd, "inspect", cid, timeout=30).stdout
+            time.sleep(0.5)
+
+    threading.Thread(target=watch, daemon=True).start()
     procs = [
         _start([str(BIN / "airflow"), "api-server", "--host", "127.0.0.1", "--port", str(api_port), "--workers", "1"], env,
                tmp / "api-server.log"),
@@ -356,14 +376,26 @@ def nights(dockerd, step_image, services, labelstudio, small_config, free_port, 
         night2 = api.wait("hfi_concept_removal", "manual__night-2", 60)
         assert night2["state"] == "success", api.failures("hfi_concept_removal", "manual__night-2")
         runs = api.runs("hfi_concept_removal")
+        # What Airflow keeps of every task: its rendered templates and its XCom entries.
+        kept = []
+        for dag, run_id in (("hfi_feedback_collection", "batch-1"), ("hfi_concept_removal", night1["dag_run_id"]),
+                            ("hfi_concept_removal", "manual__night-2")):  # fmt: skip
+            base = f"/dags/{dag}/dagRuns/{urllib.parse.quote(run_id, safe='')}/taskInstances"
+            for ti in api.call("GET", base)["task_instances"]:
+                kept.append(json.dumps(ti.get("rendered_fields")))
+                entries = api.call("GET", f"{base}/{ti['task_id']}/xcomEntries")["xcom_entries"]
+                kept += [json.dumps(api.call("GET", f"{base}/{ti['task_id']}/xcomEntries/{e['key']}"))
+                         for e in entries]  # fmt: skip
     finally:
+        watching.set()
         for proc in procs:
             _stop(proc)
         _psql(f"DROP DATABASE IF EXISTS {db} WITH (FORCE)")
     logs = "\n".join(p.read_text(errors="replace") for p in home.rglob("*.log"))
     return {"tmp": tmp, "home": home, "bucket": bucket, "s3": s3, "mlflow": services["mlflow"], "first": first,
             "second": second, "nights": [night1["dag_run_id"], night2["dag_run_id"]], "runs": runs,
-            "new_listeners": seen - before, "logs": logs}  # fmt: skip
+            "new_listeners": seen - before, "logs": logs, "config": config, "airflow_kept": "\n".join(kept),
+            "inspected": inspected}  # fmt: skip
 
 
 def _labels(nights, night: str) -> pd.DataFrame:
@@ -437,10 +469,27 @@ def test_the_champion_alias_is_where_the_gates_and_the_challenger_rule_put_it(ni
     assert v2.tags["hfi.champion.version"] == str(v1.version)
 
 
-def test_nothing_listened_beyond_127_0_0_1_and_no_credential_reached_airflow(nights):
+def test_nothing_listened_beyond_127_0_0_1_and_no_credential_reached_airflow(nights, tmp_path):
     wide = sorted(a for a in nights["new_listeners"] if not a.startswith(("127.0.0.1:", "[::1]:")))
     assert wide == [], f"listeners beyond loopback during the run: {wide}"
-    assert SECRET not in nights["logs"] and LS_TOKEN not in nights["logs"]
+    # The secret sits in the env file and in the tracking URI's user part; it is in none of:
+    # Airflow's task logs, its rendered templates and XCom, the step containers' `docker inspect`,
+    # nor MLflow's params, tags and artifacts.
+    steps = [text for text in nights["inspected"].values() if "hfi-step" in text]
+    assert len(steps) >= 8, f"caught {len(steps)} step containers with docker inspect"
+    client = MlflowClient(nights["mlflow"])
+    exp = client.get_experiment_by_name("hfi-nightly")
+    recorded = []
+    for run in client.search_runs([exp.experiment_id], max_results=500):
+        recorded.append(json.dumps({"params": run.data.params, "tags": run.data.tags}))
+        folder = tmp_path / run.info.run_id
+        mlflow.artifacts.download_artifacts(run_id=run.info.run_id, dst_path=str(folder), tracking_uri=nights["mlflow"])
+        recorded += [p.read_bytes().decode(errors="replace") for p in folder.rglob("*") if p.is_file()]
+    assert len(recorded) > 20
+    for where, text in (("task logs", nights["logs"]), ("rendered templates and XCom", nights["airflow_kept"]),
+                        ("docker inspect", "\n".join(steps)), ("MLflow", "\n".join(recorded))):  # fmt: skip
+        assert SECRET not in text and LS_TOKEN not in text, f"a credential reached {where}"
+    assert "MLFLOW_TRACKING_URI" in nights["airflow_kept"]  # the containers' rendered environment was read
 
 
 def test_the_mlflow_ui_shows_both_nights_and_compares_their_headline_metrics(nights, tmp_path):
@@ -457,18 +506,27 @@ def test_the_mlflow_ui_shows_both_nights_and_compares_their_headline_metrics(nig
     names = [f"striped · {n.replace(':', '').replace('+', '')}" for n in nights["nights"]]
     shots = ROOT / "test-artifacts"  # kept after the run (git-ignored), for people to look at
     shots.mkdir(exist_ok=True)
-    common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1800,1400",
-              "--virtual-time-budget=20000", f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
+    common = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=20000",
+              f"--user-data-dir={tmp_path / 'profile'}"]  # fmt: skip
 
-    def page(url: str, shot: Path) -> str:
-        subprocess.run([*common, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
+    def page(url: str, shot: Path, width: int = 1800) -> str:
+        size = f"--window-size={width},1400"  # the table draws only the columns in its window
+        subprocess.run([*common, size, f"--screenshot={shot}", url], capture_output=True, timeout=120, check=True)
         assert shot.exists() and shot.stat().st_size > 10_000
-        return subprocess.run([*common, "--dump-dom", url], capture_output=True, text=True, timeout=120,
+        return subprocess.run([*common, size, "--dump-dom", url], capture_output=True, text=True, timeout=120,
                               check=True).stdout  # fmt: skip
 
-    # The experiment opens on its runs table (not the GenAI overview), one row per night.
-    table = page(f"{nights['mlflow']}/#/experiments/{exp.experiment_id}/runs", shots / "mlflow-runs.png")
+    # The experiment opens on its runs table (not the GenAI overview).
+    table = page(f"{nights['mlflow']}/#/experiments/{exp.experiment_id}/runs", shots / "mlflow-experiment.png")
     assert "Training runs" in table and all(name in table for name in names)
+    # The link every night's parent carries: the runs table with one row per night and the
+    # headline metrics as columns, from the view saved on the server (no click, no browser state).
+    views = {p.data.tags["hfi.nights_view"] for p in parents}
+    assert len(views) == 1
+    table = page(f"{nights['mlflow']}/{views.pop()}", shots / "mlflow-runs.png", width=5200)
+    assert all(name in table for name in names)
+    for metric in headline_keys(load_config(nights["config"])):
+        assert f">{metric}<" in table, f"no column {metric} in the runs table"
     # The nights side by side: MLflow's compare view of the two parents, headline metrics as rows.
     ids = urllib.parse.quote(json.dumps([p.info.run_id for p in parents]))
     compare = page(f"{nights['mlflow']}/#/compare-runs?runs={ids}&experiments=%5B%22{exp.experiment_id}%22%5D",

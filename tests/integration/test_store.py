@@ -2,6 +2,7 @@
 
 import hashlib
 import uuid
+from pathlib import Path
 
 import boto3
 import pytest
@@ -32,9 +33,8 @@ def test_folders_upload_and_download_intact_and_the_marker_is_what_makes_a_stage
     (src / "images").mkdir(parents=True)
     (src / "images" / "x.png").write_bytes(b"\x89PNG fake")
     (src / "manifest.parquet").write_bytes(b"rows")
-    store.upload_dir(src, "r1/generate")
-    assert store.success("r1/generate") is None  # files are there, but the stage is not done
-    store.mark_success("r1/generate", inputs={"config": "abc"}, outputs=tree_hashes(src))
+    assert store.download_dir("r1/generate", tmp_path / "none") == 0  # no marker: not a finished folder
+    store.commit(src, "r1/generate", inputs={"config": "abc"})
     marker = store.success("r1/generate")
     assert marker["inputs"] == {"config": "abc"} and set(marker["outputs"]) == {"images/x.png", "manifest.parquet"}
     dst = tmp_path / "dst"
@@ -57,5 +57,107 @@ def test_large_files_go_up_in_parts_on_s3(s3_endpoint, tmp_path):
 
 
 def test_a_local_key_cannot_leave_the_run_store(tmp_path):
-    with pytest.raises(ValueError, match="leaves the run store"):
-        Store.open(str(tmp_path)).write_bytes("../escape.txt", b"x")
+    for key in ("../escape.txt", "/tmp/escape.txt", "r1//escape.txt"):
+        with pytest.raises(ValueError, match="refused: it would leave its folder"):
+            Store.open(str(tmp_path / "runs")).write_bytes(key, b"x")
+    assert not list(tmp_path.rglob("escape.txt")) and not Path("/tmp/escape.txt").exists()
+
+
+def test_a_tampered_output_is_refused_on_download(store, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.txt").write_bytes(b"alpha")
+    store.commit(src, "r1/reward", {"config": "abc"})
+    store.write_bytes("r1/reward/a.txt", b"changed")
+    with pytest.raises(RuntimeError, match=r"r1/reward/a.txt: its bytes do not match the sha256 in _SUCCESS"):
+        store.download_dir("r1/reward", tmp_path / "dst")
+    assert not (tmp_path / "dst" / "a.txt").exists()
+
+
+@pytest.mark.parametrize("planted", ["/tmp/hfi-escape-{u}", "../../hfi-escape-{u}", "sub//hfi-escape-{u}"])
+def test_keys_that_leave_their_folder_are_refused_and_nothing_is_written_outside(store, tmp_path, planted):
+    import json
+
+    rel = planted.format(u=uuid.uuid4().hex[:8])
+    marker = {"inputs": {}, "outputs": {rel: "0" * 64}, "finished_at": 0}
+    store.write_bytes("r1/generate/_SUCCESS", json.dumps(marker).encode())
+    dst = tmp_path / "deep" / "scratch" / "generate"
+    with pytest.raises(ValueError, match=r"_SUCCESS: output .*: refused: it would leave its folder"):
+        store.download_dir("r1/generate", dst)
+    assert not list(tmp_path.glob("**/hfi-escape-*")) and not list(Path("/tmp").glob("hfi-escape-*"))
+
+
+def test_a_planted_s3_key_is_refused_on_listing(s3_endpoint):
+    bucket = f"hfi-{uuid.uuid4().hex[:8]}"
+    client = boto3.client("s3", endpoint_url=s3_endpoint)
+    client.create_bucket(Bucket=bucket)
+    client.put_object(Bucket=bucket, Key="runs/r1/generate//tmp/x", Body=b"x")
+    store = Store.open(f"s3://{bucket}/runs", S3Settings(endpoint_url=s3_endpoint))
+    with pytest.raises(ValueError, match=r"key 'r1/generate//tmp/x': refused"):
+        store.list("r1/generate/")
+
+
+class _Killed(Exception):
+    pass
+
+
+def _dies_after(store, n):
+    """``store`` whose writes (uploads, PUTs, deletes) raise after the first ``n``."""
+    count = {"n": 0}
+    for name in ("upload_file", "write_bytes", "delete"):
+        real = getattr(store, name)
+
+        def op(*a, _real=real, **k):
+            if count["n"] >= n:
+                raise _Killed()
+            count["n"] += 1
+            return _real(*a, **k)
+
+        setattr(store, name, op)
+    return store
+
+
+def _check_consistent(store, prefix, old, new):
+    """No marker, or a marker whose outputs are exactly the folder's objects and bytes."""
+    marker = store.success(prefix)
+    if marker is None:
+        return
+    objects = {k[len(prefix) + 1 :] for k in store.list(prefix + "/")} - {"_SUCCESS"}
+    assert set(marker["outputs"]) == objects
+    for rel, digest in marker["outputs"].items():
+        assert hashlib.sha256(store.read_bytes(f"{prefix}/{rel}")).hexdigest() == digest
+    assert marker["outputs"] in (old, new)
+
+
+def test_a_commit_killed_after_any_number_of_writes_is_never_read_as_finished_and_its_retry_is_exact(
+    s3_endpoint, tmp_path
+):
+    bucket = f"hfi-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    settings = S3Settings(endpoint_url=s3_endpoint)
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    for folder, files in ((v1, {"a.txt": b"1a", "b.txt": b"1b", "old/c.txt": b"1c"}),
+                          (v2, {"a.txt": b"2a", "b.txt": b"1b", "new/d.txt": b"2d"})):  # fmt: skip
+        for rel, data in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_bytes(data)
+    old, new = tree_hashes(v1), tree_hashes(v2)
+    writes = 1 + len(new) + 1 + 1  # old marker, 3 uploads, 1 stale key, new marker
+    for n in range(writes + 1):
+        prefix = f"r{n}/generate"
+        Store.open(f"s3://{bucket}/runs", settings).commit(v1, prefix, {"config": "1"})
+        dying = _dies_after(Store.open(f"s3://{bucket}/runs", settings), n)
+        try:
+            dying.commit(v2, prefix, {"config": "2"})
+            assert n == writes, f"the commit made fewer writes than {writes}"
+        except _Killed:
+            assert n < writes
+        store = Store.open(f"s3://{bucket}/runs", settings)
+        _check_consistent(store, prefix, old, new)
+        if n >= 1:
+            assert store.success(prefix) is None or store.success(prefix)["outputs"] == new
+        store.commit(v2, prefix, {"config": "2"})  # the retry
+        _check_consistent(store, prefix, old, new)
+        assert store.success(prefix)["outputs"] == new and store.success(prefix)["inputs"] == {"config": "2"}
+        assert store.download_dir(prefix, tmp_path / f"back{n}") == 3
+        assert tree_hashes(tmp_path / f"back{n}") == new

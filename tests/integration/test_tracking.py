@@ -102,6 +102,27 @@ def test_the_experiment_opens_on_its_runs_not_on_the_genai_pages(tracker):
     )
 
 
+def test_the_nights_view_lists_one_concepts_parents_with_the_headline_columns(tracker):
+    import json
+
+    from hfi_core.config import load_config
+    from hfi_core.stages import headline_keys
+
+    keys = headline_keys(load_config("configs/toyworld-striped.yaml"))
+    link = tracker.nights_view("van gogh's", keys)
+    assert link == f"#/experiments/{tracker.experiment_id}/runs?viewStateShareKey=nights-van-gogh-s"
+    tags = tracker.client.get_experiment(tracker.experiment_id).tags
+    view = json.loads(tags["mlflow.sharedViewState.nights-van-gogh-s"])
+    assert [c for c in view["selectedColumns"] if c.startswith("metrics.")] == [f"metrics.`{k}`" for k in keys]
+    assert "target_implicit_zebra.concept_after" in keys and "labels_used" in keys
+    # The view's filter is one MLflow's server accepts, and it selects that concept's nights only.
+    wanted = tracker.parent("dag:a", "van gogh's · a", {}, {"hfi.concept": "van gogh's"})
+    tracker.child(wanted, "generate", {"hfi.concept": "van gogh's"})
+    tracker.parent("dag:b", "striped · b", {}, {"hfi.concept": "striped"})
+    found = tracker.client.search_runs([tracker.experiment_id], view["searchFilter"])
+    assert [r.info.run_id for r in found] == [wanted]
+
+
 def test_a_parent_finishes_when_no_child_is_running_and_fails_with_a_child(tracker):
     parent = tracker.parent("dag:run3", "striped · night", {}, {})
     a, b = tracker.child(parent, "generate", {}), tracker.child(parent, "publish", {})

@@ -78,6 +78,36 @@ def test_a_file_that_is_not_yaml_is_refused_by_name(tmp_path):
         load_config(p)
 
 
+def _laughs(levels: int) -> str:
+    """The billion-laughs file: each level lists the one before nine times (9**levels strings)."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + "\n"
+
+
+@pytest.mark.parametrize("text", [_laughs(9), _laughs(6), "&a [*a, *a]", "[" * 20000 + "]" * 20000],
+                         ids=["billion-laughs", "six-levels", "self-reference", "deep-nesting"])  # fmt: skip
+def test_alias_bombs_and_deep_nesting_are_refused_at_once_by_name(tmp_path, text):
+    import time
+
+    p = tmp_path / "bomb.yaml"
+    p.write_text(text)
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=r"^\S*bomb.yaml: cannot read YAML: (expands to more|nested more than)"):
+        load_config(p)
+    assert time.perf_counter() - t0 < 1.0
+
+
+def test_anchors_and_aliases_of_ordinary_size_still_work(tmp_path):
+    base = yaml.safe_load(CONFIGS[-1].read_text())
+    text = CONFIGS[-1].read_text().replace("generation:", "generation: &gen", 1) + "\n_copy: *gen\n"
+    p = tmp_path / "anchors.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match="_copy"):  # read fine; the unknown key is what is refused
+        load_config(p)
+    assert base["generation"]
+
+
 def test_ints_are_accepted_where_floats_are_expected_but_bools_are_not_ints():
     cfg = parse(RunConfig, {**BASE, "generation": {"guidance": 7}})
     assert cfg.generation.guidance == 7.0 and isinstance(cfg.generation.guidance, float)

@@ -35,3 +35,28 @@ def test_the_local_stack_binds_to_localhost_and_writes_no_secret():
         for line in text.splitlines():
             if key in line and ":" in line and "${" not in line and "$$" not in line:
                 raise AssertionError(f"literal secret in compose.yaml: {line.strip()}")
+
+
+def test_the_local_stack_has_no_docker_socket_in_airflow_no_secret_in_argv_pinned_images_and_app_credentials():
+    compose = yaml.safe_load((DOCKER / "compose.yaml").read_text())
+    services = compose["services"]
+    airflow = services["airflow"]
+    assert not any("docker.sock" in v for v in airflow.get("volumes", [])), "Airflow holds the Docker socket"
+    assert airflow["environment"]["HFI_DOCKER_URL"] == "tcp://docker-proxy:2375"
+    proxy = services["docker-proxy"]
+    assert proxy["volumes"] == ["/var/run/docker.sock:/var/run/docker.sock:ro"] and "ports" not in proxy
+    assert proxy["environment"]["EXEC"] == "0"
+    for name, service in services.items():
+        image = service["image"]
+        tag = image.rsplit(":", 1)[1] if ":" in image.split("/")[-1] else ""
+        assert tag and tag != "latest" and (re.search(r"\d", tag) or image.startswith("hfi-step:")), (name, image)
+        # A value interpolated by compose into a command is in `docker inspect` and in `ps`.
+        parts = [service.get("command"), service.get("entrypoint"), (service.get("healthcheck") or {}).get("test")]
+        argv = " ".join(" ".join(p) if isinstance(p, list) else str(p or "") for p in parts)
+        for secret in ("PASSWORD", "SECRET", "API_KEY", "TOKEN"):
+            assert not re.search(r"\$\{[A-Z_]*" + secret, argv), (name, argv)
+    app = compose["x-env"]
+    assert app["AWS_ACCESS_KEY_ID"] == "${HFI_S3_ACCESS_KEY}" and "MINIO_ROOT" not in str(app)
+    assert "MINIO_ROOT" not in str(services["mlflow"]["environment"]) and "MINIO_ROOT" not in str(airflow)
+    example = (DOCKER / "env.example").read_text()
+    assert "HFI_S3_ACCESS_KEY=" in example and "HFI_S3_SECRET_KEY=" in example
