@@ -84,6 +84,12 @@ class ModelConfig(Section):
     device: str = "auto"
     """``auto``: CUDA when available, else CPU."""
 
+    @property
+    def identity(self) -> str:
+        """The model as manifests, cards and markers name it: the path as written (a folder, a hub
+        id, ``toyworld:sd``) and the revision when set; never a checkout-dependent path."""
+        return self.path + (f"@{self.revision}" if self.revision else "")
+
 
 class PromptSet(Section):
     """Prompts of one group, e.g. ``target:explicit``, ``target:implicit``, ``preserve``."""

@@ -51,9 +51,8 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def model_identity(cfg: ModelConfig) -> str:
-    """The string recorded with every image: the reference as configured (``toyworld:sd``, a
-    folder or a hub id), and the revision when set; never a checkout-dependent path."""
-    return cfg.path + (f"@{cfg.revision}" if cfg.revision else "")
+    """The string recorded with every image (``ModelConfig.identity``)."""
+    return cfg.identity
 
 
 def load_sd_pipeline(cfg: ModelConfig, scheduler: str = "dpmsolver") -> StableDiffusionPipeline:

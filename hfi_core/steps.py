@@ -147,24 +147,25 @@ def run_step(
                 raise  # without the registry there is nothing to do: fail, and let the retry try again
             warnings.append(_untracked(name, "could not open its MLflow runs", e))
     ctx.tracker, ctx.mlflow_run = tracker, child
-    try:
+    try:  # whatever fails from here on (the stage, the commit) leaves the runs FAILED, never RUNNING
         result = st.run(cfg, scratch, ctx)
+        if collected:
+            result = {**collected, **result}
+        (scratch / name).mkdir(parents=True, exist_ok=True)
+        if tracker is not None and child is not None and parent is not None:
+            try:
+                _record(tracker, parent, child, name, result, cfg, scratch)
+            except Exception as e:
+                warnings.append(_untracked(name, "could not record its results in MLflow", e))
+                tracker = None
+        if warnings:
+            result["tracking_warnings"] = warnings
+        extra = {"tracking": warnings} if warnings else {}  # the base model (with its revision) names every output
+        store.commit(scratch / name, prefix, inputs, mlflow_run_id=child, model=cfg.model.identity, **extra)
     except BaseException:
         if tracker is not None and child is not None and parent is not None:
             _quietly(lambda: (tracker.finish(child, ok=False), tracker.finish(parent, ok=False)))
         raise
-    if collected:
-        result = {**collected, **result}
-    (scratch / name).mkdir(parents=True, exist_ok=True)
-    if tracker is not None and child is not None and parent is not None:
-        try:
-            _record(tracker, parent, child, name, result, cfg, scratch)
-        except Exception as e:
-            warnings.append(_untracked(name, "could not record its results in MLflow", e))
-            tracker = None
-    if warnings:
-        result["tracking_warnings"] = warnings
-    store.commit(scratch / name, prefix, inputs, mlflow_run_id=child, **({"tracking": warnings} if warnings else {}))
     if st.checkpoints:
         for key in store.list(checkpoints + "/"):  # done: nothing will resume from these
             store.delete(key)

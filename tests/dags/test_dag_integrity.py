@@ -257,3 +257,31 @@ print("RESULT", json.dumps([hfi_steps.without_credentials(v) for v in
                           if line.startswith("RESULT "))  # fmt: skip
     assert environment["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5000" and "s3cr3t" not in json.dumps(environment)
     assert cases == ["http://mlflow:5000/x", "https://h/", "http://h:1", "databricks", "file:///a/b"]
+
+
+def test_shell_payloads_in_params_reach_the_local_step_as_literal_strings(tmp_path):
+    """Run for real with the local runner: `dags test` renders the payloads into the step's argv,
+    the step runs and refuses the config path, quoting it: every payload arrived as plain text
+    and none ran (no file appears)."""
+    import shutil
+    import tempfile
+
+    env = {**os.environ, "AIRFLOW_HOME": str(tmp_path / "airflow"), "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+           "AIRFLOW__CORE__LOAD_EXAMPLES": "False", "AIRFLOW__LOGGING__WORKER_LOG_SERVER_PORT": "0",
+           "HFI_STEP_RUNNER": "local", "HFI_BIN": str(Path(sys.executable).with_name("hfi")),
+           "HFI_STEP_RETRIES": "0"}  # fmt: skip
+    airflow = Path(sys.executable).with_name("airflow")
+    subprocess.run([str(airflow), "db", "migrate"], env=env, check=True, capture_output=True, timeout=300)
+    marks = Path(tempfile.mkdtemp(prefix="p", dir="/tmp"))  # short: the error line quotes the payloads
+    payloads = [f"$(touch {marks}/d)", f"`touch {marks}/b`", f'c"; touch {marks}/q; "']
+    conf = {"config": "/nonexistent/" + "/".join(payloads) + ".yaml", "run_root": str(tmp_path / "runs"),
+            "run_name": payloads[0] + payloads[1]}  # fmt: skip
+    try:
+        result = subprocess.run([str(airflow), "dags", "test", "hfi_concept_removal", "--conf", json.dumps(conf)],
+                                env=env, capture_output=True, text=True, timeout=600)  # fmt: skip
+        out = (result.stdout + result.stderr).replace('\\"', '"')
+        assert not list(marks.iterdir()), f"a payload ran as shell code: {list(marks.iterdir())}"
+        assert "cannot read YAML" in out and all(p in out for p in payloads), out[-3000:]
+        assert "bad input (exit 2" in out  # failed at once, not retried
+    finally:
+        shutil.rmtree(marks, ignore_errors=True)

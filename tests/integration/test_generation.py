@@ -115,13 +115,12 @@ def test_sld_at_generation_changes_the_images_and_is_recorded(world, tmp_path):
 
 def test_a_model_folder_with_only_pickled_bin_weights_is_refused(world, tmp_path):
     import pytest
+    import torch
     from diffusers import StableDiffusionPipeline
+    from safetensors.torch import load_file
 
     from hfi_core.config import ModelConfig
     from hfi_core.models import load_sd_pipeline
-
-    import torch
-    from safetensors.torch import load_file
 
     pipe = StableDiffusionPipeline.from_pretrained(world / "sd", use_safetensors=True)
     pipe.save_pretrained(tmp_path / "bin-only", safe_serialization=False)

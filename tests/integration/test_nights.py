@@ -223,3 +223,44 @@ def test_with_mlflow_refusing_or_hung_a_step_still_commits_and_register_fails_to
             assert not (night / "register" / "_SUCCESS").exists()
     assert time.time() - t0 < bound
     hung.close()
+
+
+def test_register_whose_marker_put_fails_is_retried_into_the_same_version_and_alias(nights, tmp_path):
+    """The registration happened, then the marker's PUT failed: the retry adds no second version
+    and leaves the champion alias where the first attempt put it."""
+    import shutil
+
+    from mlflow.tracking import MlflowClient
+
+    from hfi_core.steps import TrackingContext, run_step
+
+    for dep in ("generate", "distill", "evaluate"):
+        shutil.copytree(nights["root"] / "night-1" / dep, tmp_path / "store" / "night-r" / dep)
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tracking = TrackingContext(uri, "hfi-retry", "dag/night-r", {}, (tmp_path / "artifacts").as_uri())
+
+    class MarkerPutFails(LocalStore):
+        fail = True
+
+        def write_bytes(self, key, data):
+            if key.endswith("register/_SUCCESS") and self.fail:
+                MarkerPutFails.fail = False
+                raise ConnectionError("the marker PUT was cut off")
+            return super().write_bytes(key, data)
+
+    store = MarkerPutFails(str(tmp_path / "store"))
+    with pytest.raises(ConnectionError):
+        run_step("register", nights["one"], store, "night-r", tmp_path / "store" / "night-r", tracking)
+    client = MlflowClient(uri)
+    name = nights["one"].promotion.model_name
+    first = client.search_model_versions(f"name = '{name}'")
+    assert len(first) == 1 and store.success("night-r/register") is None
+    alias = client.get_registered_model(name).aliases
+    again = run_step("register", nights["one"], store, "night-r", tmp_path / "store" / "night-r", tracking)
+    assert again["version"] == first[0].version and store.success("night-r/register")["model"] == "toyworld:sd"
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    assert client.get_registered_model(name).aliases == alias
+    child = client.search_runs(
+        [client.get_experiment_by_name("hfi-retry").experiment_id], "tags.`hfi.stage` = 'register'"
+    )
+    assert len(child) == 1 and child[0].info.status == "FINISHED"  # the failed attempt's run, reused
