@@ -202,6 +202,36 @@ def _docker_operator():
 _DOCKER_OPERATOR = None
 
 
+def _pod_operator():
+    """KubernetesPodOperator whose step container exiting with ``BAD_INPUT`` fails the task
+    without retries (made on first use, like ``_docker_operator``)."""
+    global _POD_OPERATOR
+    if _POD_OPERATOR is None:
+        from airflow.exceptions import AirflowException, AirflowFailException, AirflowSkipException
+        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+
+        class StepPodOperator(KubernetesPodOperator):
+            def cleanup(self, pod, remote_pod, *args, **kwargs):
+                try:
+                    return super().cleanup(pod, remote_pod, *args, **kwargs)
+                except (AirflowSkipException, AirflowFailException):
+                    raise
+                except AirflowException as e:
+                    status = remote_pod.status if remote_pod else None
+                    statuses = (status.container_statuses if status else None) or []
+                    step = next((c for c in statuses if c.name == self.base_container_name), None)
+                    ended = step.state.terminated if step and step.state else None
+                    if ended is not None and ended.exit_code == BAD_INPUT:
+                        raise AirflowFailException(f"{self.task_id}: bad input (exit 2): not retried") from e
+                    raise
+
+        _POD_OPERATOR = StepPodOperator
+    return _POD_OPERATOR
+
+
+_POD_OPERATOR = None
+
+
 def command_task(task_id: str, argv: list[str], *, gpu: bool, timeout_hours: float, **extra):
     """An operator running ``argv`` (an ``hfi`` command) with the runner chosen by ``HFI_STEP_RUNNER``."""
     common = dict(task_id=task_id, execution_timeout=dt.timedelta(hours=timeout_hours), **extra)
@@ -240,12 +270,11 @@ def command_task(task_id: str, argv: list[str], *, gpu: bool, timeout_hours: flo
             **common,
         )
     if RUNNER == "kubernetes":
-        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
         from kubernetes.client import models as k8s
 
         secret = os.environ.get("HFI_K8S_SECRET")
         gpu_limit = str(max(count, 1))  # a pod asks for whole GPUs; "all" means one
-        return KubernetesPodOperator(
+        return _pod_operator()(
             name=f"hfi-{task_id}",
             namespace=os.environ.get("HFI_K8S_NAMESPACE", "hfi"),
             image=IMAGE,
@@ -260,6 +289,7 @@ def command_task(task_id: str, argv: list[str], *, gpu: bool, timeout_hours: flo
             else None,
             get_logs=True,
             on_finish_action="delete_succeeded_pod",
+            skip_on_exit_code=NOTHING_NEW,
             **common,
         )
     raise ValueError(f"HFI_STEP_RUNNER={RUNNER!r}: expected local, docker or kubernetes")

@@ -20,12 +20,13 @@ def _features(out: torch.Tensor | object) -> torch.Tensor:
 
 @torch.no_grad()
 def text_embeddings(model: CLIPModel, processor: CLIPProcessor, texts: list[str]) -> torch.Tensor:
-    """L2-normalised projected text embeddings, (len(texts), D)."""
+    """L2-normalised projected text embeddings, (len(texts), D), on the CPU like
+    ``image_embeddings``' (CLIP may run on a GPU; the products of the two must not mix devices)."""
     t = processor(text=texts, padding="max_length", truncation=True, return_tensors="pt")
     out = model.get_text_features(
         input_ids=t.input_ids.to(model.device), attention_mask=t.attention_mask.to(model.device)
     )
-    return F.normalize(_features(out).float(), dim=-1)
+    return F.normalize(_features(out).float(), dim=-1).cpu()
 
 
 @torch.no_grad()

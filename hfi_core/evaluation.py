@@ -17,6 +17,7 @@ numbers from different evaluators do not compare.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import asdict, dataclass
@@ -55,12 +56,39 @@ class Variant:
     """SLD's concept text; default: the run's ``concept.sld_text``."""
 
 
-def weights_sha256(folder: str | Path) -> str:
-    """sha256 over a model folder's weight files (safetensors/bin/onnx), for evaluator identity."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx")
+
+
+def weights_sha256(spec: str | Path, revision: str | None = None) -> str:
+    """sha256 over a model's weight files, for evaluator identity: numbers measured by different
+    weights do not compare.
+
+    ``spec`` is a folder, ``toyworld:<part>`` or a hub id, which names the files of its snapshot
+    in the local hub cache (``revision``, default ``main``); nothing is downloaded. Files are
+    read once per process while their size and time stay the same (every variant of an
+    evaluation asks again)."""
+    path = Path(locate(str(spec)))
+    if not path.exists():
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        try:
+            path = Path(snapshot_download(str(spec), revision=revision, local_files_only=True))
+        except (LocalEntryNotFoundError, ValueError) as e:
+            raise ValueError(f"{spec}: neither a folder nor a model in the local hub cache ({str(e)[:120]})") from None
+    files = sorted(p for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
+    if not files:
+        raise ValueError(f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) to name the evaluator by")
+    return _hash_files(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+
+
+@functools.lru_cache(maxsize=32)
+def _hash_files(stamps: tuple[tuple[str, int, int], ...]) -> str:
     h = hashlib.sha256()
-    for p in sorted(Path(locate(str(folder))).rglob("*")):
-        if p.suffix in (".safetensors", ".bin", ".onnx"):
-            h.update(p.read_bytes())
+    for name, _, _ in stamps:
+        with open(name, "rb") as f:
+            while block := f.read(1 << 22):
+                h.update(block)
     return h.hexdigest()
 
 

@@ -42,6 +42,24 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as e:  # bad input: one line, no traceback
         print(f"hfi: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:
+        if not _unreachable(e):
+            raise  # a defect: the traceback is what a developer needs
+        # A dependency down or hung (S3, an HTTP service): one line, and exit 1, which is retried.
+        first = str(e).splitlines()[0][:240] if str(e) else ""
+        print(f"hfi: error: {type(e).__name__}: {first} (a service did not answer; the step may be retried)",
+              file=sys.stderr)  # fmt: skip
+        return 1
+
+
+def _unreachable(e: BaseException) -> bool:
+    """A connection refused, reset or timed out, from the standard library or the HTTP clients
+    under boto3 and MLflow (checked by module, so that none of them is imported here)."""
+    if isinstance(e, (ConnectionError, TimeoutError)):
+        return True
+    root = type(e).__module__.split(".")[0]
+    name = type(e).__name__
+    return root in ("botocore", "urllib3", "requests") and any(w in name for w in ("Connect", "Timeout", "Endpoint"))
 
 
 if __name__ == "__main__":

@@ -87,3 +87,23 @@ def local_config(config: str, tmp: str | os.PathLike, s3: object) -> str:
     path = Path(tmp) / key
     Store.open(bucket_root, s3).download_file(key, path)
     return str(path)
+
+
+S3_ENV = {"connect_timeout": "HFI_S3_CONNECT_TIMEOUT", "read_timeout": "HFI_S3_READ_TIMEOUT",
+          "max_attempts": "HFI_S3_MAX_ATTEMPTS"}  # fmt: skip
+
+
+def s3_settings():
+    """``S3Settings`` from the deployment: ``HFI_S3_ENDPOINT_URL`` (MinIO, moto...) and, where set,
+    ``HFI_S3_CONNECT_TIMEOUT`` / ``HFI_S3_READ_TIMEOUT`` (seconds) and ``HFI_S3_MAX_ATTEMPTS``."""
+    from hfi_core.store import S3Settings
+
+    limits = {}
+    for field, var in S3_ENV.items():
+        if value := os.environ.get(var, "").strip():
+            try:
+                limits[field] = int(value) if field == "max_attempts" else float(value)
+            except ValueError:
+                raise ValueError(f"${var}={value[:20]!r}: expected a number") from None
+    return S3Settings(endpoint_url=os.environ.get("HFI_S3_ENDPOINT_URL") or None, **limits)
+

@@ -8,7 +8,14 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from tasks.common import add_config_args, add_runtime_args, load_run_config, local_config, setup_runtime
+from tasks.common import (
+    add_config_args,
+    add_runtime_args,
+    load_run_config,
+    local_config,
+    s3_settings,
+    setup_runtime,
+)
 
 
 def register(group: Callable[..., argparse._SubParsersAction]) -> None:
@@ -67,9 +74,7 @@ def _pull(args: argparse.Namespace) -> int:
     if args.env_file:
         os.environ.update(read_env_file(args.env_file))
     from hfi_core.stages import StageContext, collect_feedback
-    from hfi_core.store import S3Settings
-
-    s3 = S3Settings(endpoint_url=os.environ.get("HFI_S3_ENDPOINT_URL") or None)
+    s3 = s3_settings()
     with tempfile.TemporaryDirectory(prefix="hfi-pull-") as tmp:
         overrides = {**params_overrides(args.params_json), "feedback.source": "labelstudio"}
         cfg = load_run_config(local_config(args.config, tmp, s3), args.set, overrides)
@@ -96,15 +101,13 @@ def _simulate(args: argparse.Namespace) -> int:
     import tempfile
 
     from hfi_core.stages import simulate_feedback, simulate_in_labelstudio
-    from hfi_core.store import S3Settings
-
     if not 0 < args.share <= 1:
         raise ValueError(f"--share {args.share}: must be in (0, 1]")
     cfg = load_run_config(args.config, args.set)
     with tempfile.TemporaryDirectory(prefix="hfi-simulate-") as tmp:
         run = args.run
         if run is None:
-            s3 = S3Settings(endpoint_url=os.environ.get("HFI_S3_ENDPOINT_URL") or None)
+            s3 = s3_settings()
             _, run = _fetch_batch(args.run_uri, tmp, s3)
         if args.labelstudio:
             result = simulate_in_labelstudio(cfg, run, os.environ.get("LABEL_STUDIO_API_KEY"), args.share)

@@ -14,7 +14,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from tasks.common import add_runtime_args, load_run_config, local_config, setup_runtime
+from tasks.common import add_runtime_args, load_run_config, local_config, s3_settings, setup_runtime
 
 
 def register(top: argparse._SubParsersAction) -> None:
@@ -110,9 +110,9 @@ def run(args: argparse.Namespace) -> int:
         os.environ.setdefault(var, value)
     setup_runtime(args, args.stage)
     from hfi_core.steps import TrackingContext, run_step
-    from hfi_core.store import S3Settings, Store
+    from hfi_core.store import Store
 
-    s3 = S3Settings(endpoint_url=os.environ.get("HFI_S3_ENDPOINT_URL") or None)
+    s3 = s3_settings()
     root, _, run_name = args.run_uri.rstrip("/").rpartition("/")
     store = Store.open(root, s3)
     if not args.config or not (args.config.startswith("s3://") or Path(args.config).is_absolute()):

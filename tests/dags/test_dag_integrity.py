@@ -157,7 +157,9 @@ out = {}
 for stage in hfi_steps.STAGES:
     op = hfi_steps.step_task(stage)
     from airflow.providers.docker.operators.docker import DockerOperator
-    info = {"class": "DockerOperator" if isinstance(op, DockerOperator) else type(op).__name__}
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    info = {"class": next((c.__name__ for c in (DockerOperator, KubernetesPodOperator) if isinstance(op, c)),
+                          type(op).__name__)}
     if info["class"] == "DockerOperator":
         info["gpu"] = [r.count for r in (op.device_requests or [])]
         info["entrypoint"], info["command"] = op.entrypoint, op.command
@@ -236,8 +238,38 @@ for code in (2, 1, 23):
     result = subprocess.run([sys.executable, "-c", code, str(DAGS)], env=env, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     got = [line.split()[1] for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    pods = """
+import sys
+sys.path.insert(0, sys.argv[1])
+import hfi_steps
+from airflow.exceptions import AirflowException, AirflowFailException
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from kubernetes.client import models as k8s
+
+op = hfi_steps.step_task("reward")
+def failed(self, pod, remote_pod, *a, **k):
+    raise AirflowException("Pod hfi-reward returned a failure.")
+KubernetesPodOperator.cleanup = failed
+for code in (2, 1):
+    state = k8s.V1ContainerState(terminated=k8s.V1ContainerStateTerminated(exit_code=code))
+    status = k8s.V1ContainerStatus(name="base", state=state, image="i", image_id="i", ready=False, restart_count=0)
+    pod = k8s.V1Pod(status=k8s.V1PodStatus(container_statuses=[status]))
+    try:
+        op.cleanup(pod, pod)
+        print("RESULT ok")
+    except AirflowFailException:
+        print("RESULT fail-at-once")
+    except AirflowException:
+        print("RESULT AirflowException")
+print("RESULT", op.skip_on_exit_code)
+"""
+    env = {**os.environ, "HFI_STEP_RUNNER": "kubernetes"}
+    result = subprocess.run([sys.executable, "-c", pods, str(DAGS)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    got += [line.split(" ", 1)[1] for line in result.stdout.splitlines() if line.startswith("RESULT ")]
     assert got == ["fail-at-once", "RuntimeError", "fail-at-once", "DockerContainerFailedException",
-                                     "DockerContainerFailedException"]  # fmt: skip
+                                     "DockerContainerFailedException", "fail-at-once", "AirflowException",
+                                     "[99]"]  # fmt: skip
 
 
 def test_a_credential_in_a_passed_through_uri_never_reaches_a_containers_environment():

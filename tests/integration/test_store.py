@@ -161,3 +161,59 @@ def test_a_commit_killed_after_any_number_of_writes_is_never_read_as_finished_an
         assert store.success(prefix)["outputs"] == new and store.success(prefix)["inputs"] == {"config": "2"}
         assert store.download_dir(prefix, tmp_path / f"back{n}") == 3
         assert tree_hashes(tmp_path / f"back{n}") == new
+
+
+def test_s3_calls_give_up_within_their_timeouts_on_a_closed_port_and_on_a_server_that_never_answers(monkeypatch):
+    import socket
+    import threading
+    import time
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    closed_port = closed.getsockname()[1]
+    closed.close()
+    for var, value in (("AWS_ACCESS_KEY_ID", "x"), ("AWS_SECRET_ACCESS_KEY", "x"), ("AWS_DEFAULT_REGION", "us-east-1")):
+        monkeypatch.setenv(var, value)
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    held = []
+    threading.Thread(target=lambda: [held.append(hung.accept()) for _ in range(16)], daemon=True).start()
+    for port in (closed_port, hung.getsockname()[1]):
+        settings = S3Settings(endpoint_url=f"http://127.0.0.1:{port}", connect_timeout=1, read_timeout=2, max_attempts=2)
+        store = Store.open("s3://b/runs", settings)
+        t0 = time.perf_counter()
+        with pytest.raises(Exception, match="(?i)connect|timeout|timed out"):
+            store.exists("r1/generate/_SUCCESS")
+        assert time.perf_counter() - t0 < 2 * (1 + 2) + 5  # attempts x (connect + read), and back-off
+    hung.close()
+
+
+def test_a_step_whose_s3_never_answers_ends_within_its_bound_with_one_line_and_exit_1(small_config, tmp_path):
+    """Exit 1, not 2: a dependency down is retried by Airflow; bad input is not."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import threading
+    import time
+
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(8)
+    held = []
+    threading.Thread(target=lambda: [held.append(hung.accept()) for _ in range(16)], daemon=True).start()
+    env = {**os.environ, "HFI_S3_ENDPOINT_URL": f"http://127.0.0.1:{hung.getsockname()[1]}",
+           "HFI_S3_CONNECT_TIMEOUT": "1", "HFI_S3_READ_TIMEOUT": "2", "HFI_S3_MAX_ATTEMPTS": "2",
+           "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "x", "AWS_DEFAULT_REGION": "us-east-1"}  # fmt: skip
+    env.pop("MLFLOW_TRACKING_URI", None)
+    config = small_config(tmp_path / "c.yaml")
+    argv = [str(Path(sys.executable).parent / "hfi"), "step", "publish", "--config", str(config),
+            "--run-uri", "s3://hfi/runs/night-1"]  # fmt: skip
+    t0 = time.perf_counter()
+    result = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120)
+    assert time.perf_counter() - t0 < 60
+    assert result.returncode == 1, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("hfi: error:")]
+    assert len(lines) == 1 and "Timeout" in lines[0] and "Traceback" not in result.stderr, result.stderr[-2000:]
+    hung.close()
