@@ -106,4 +106,3 @@ def s3_settings():
             except ValueError:
                 raise ValueError(f"${var}={value[:20]!r}: expected a number") from None
     return S3Settings(endpoint_url=os.environ.get("HFI_S3_ENDPOINT_URL") or None, **limits)
-

@@ -74,6 +74,7 @@ def _pull(args: argparse.Namespace) -> int:
     if args.env_file:
         os.environ.update(read_env_file(args.env_file))
     from hfi_core.stages import StageContext, collect_feedback
+
     s3 = s3_settings()
     with tempfile.TemporaryDirectory(prefix="hfi-pull-") as tmp:
         overrides = {**params_overrides(args.params_json), "feedback.source": "labelstudio"}
@@ -101,6 +102,7 @@ def _simulate(args: argparse.Namespace) -> int:
     import tempfile
 
     from hfi_core.stages import simulate_feedback, simulate_in_labelstudio
+
     if not 0 < args.share <= 1:
         raise ValueError(f"--share {args.share}: must be in (0, 1]")
     cfg = load_run_config(args.config, args.set)

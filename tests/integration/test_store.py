@@ -180,7 +180,9 @@ def test_s3_calls_give_up_within_their_timeouts_on_a_closed_port_and_on_a_server
     held = []
     threading.Thread(target=lambda: [held.append(hung.accept()) for _ in range(16)], daemon=True).start()
     for port in (closed_port, hung.getsockname()[1]):
-        settings = S3Settings(endpoint_url=f"http://127.0.0.1:{port}", connect_timeout=1, read_timeout=2, max_attempts=2)
+        settings = S3Settings(
+            endpoint_url=f"http://127.0.0.1:{port}", connect_timeout=1, read_timeout=2, max_attempts=2
+        )
         store = Store.open("s3://b/runs", settings)
         t0 = time.perf_counter()
         with pytest.raises(Exception, match="(?i)connect|timeout|timed out"):
