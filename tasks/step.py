@@ -61,6 +61,20 @@ def _context() -> dict[str, str]:
     return {tag: os.environ[var] for tag, var in env.items() if os.environ.get(var)}
 
 
+def _credentials_to_environment(uri: str) -> str:
+    """A tracking URI with a user part (``http://user:pass@host``) becomes the URI without it, and
+    the user and password MLflow's own variables (unless set): MLflow puts its URI into messages
+    and error lines, and no log may hold the password."""
+    from urllib.parse import unquote, urlsplit
+
+    parts = urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri
+    os.environ.setdefault("MLFLOW_TRACKING_USERNAME", unquote(parts.username or ""))
+    os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", unquote(parts.password or ""))
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()
+
+
 def params_overrides(text: str) -> dict:
     """The DAG's ``--params-json``: set Params as overrides (JSON keeps ``1e-05`` a float)."""
     try:
@@ -96,7 +110,9 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 
 MLFLOW_LIMITS = {"MLFLOW_HTTP_REQUEST_TIMEOUT": "20", "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
-                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1"}  # fmt: skip
+                 "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 # MLflow prints "View run ... at: <tracking URI>" into the task log otherwise.
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}  # fmt: skip
 """How long a step waits for MLflow (unless the deployment says otherwise): 20 s a request, two
 retries, so one call gives up within about 65 s. MLflow's own defaults (120 s, 7 retries with
 doubling back-off) let a hung server hold a step for over an hour. The first call that gives up
@@ -126,6 +142,7 @@ def run(args: argparse.Namespace) -> int:
         tracking = None
         args.tracking_uri = args.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")  # maybe from --env-file
         if args.tracking_uri:
+            args.tracking_uri = _credentials_to_environment(args.tracking_uri)
             ctx = _context()
             tracking = TrackingContext(
                 args.tracking_uri,

@@ -1,5 +1,7 @@
 """`hfi step --env-file`: credentials reach the step's environment without a shell reading them."""
 
+import os
+
 import pytest
 
 from tasks.step import read_env_file
@@ -39,3 +41,14 @@ def test_a_step_without_an_absolute_config_says_in_one_line_where_a_scheduled_ru
     assert len(err.splitlines()) == 1 and "absolute path or an s3:// URI" in err
     assert "HFI_CONFIG" in err and "hfi_config" in err
     assert not (tmp_path / "night").exists()
+
+
+def test_a_tracking_uri_with_a_user_part_gives_its_credentials_to_mlflows_variables_only(monkeypatch):
+    from tasks.step import _credentials_to_environment
+
+    monkeypatch.delenv("MLFLOW_TRACKING_USERNAME", raising=False)
+    monkeypatch.delenv("MLFLOW_TRACKING_PASSWORD", raising=False)
+    assert _credentials_to_environment("http://ops:p%40ss-9c@mlflow:5000/base") == "http://mlflow:5000/base"
+    assert os.environ["MLFLOW_TRACKING_USERNAME"] == "ops" and os.environ["MLFLOW_TRACKING_PASSWORD"] == "p@ss-9c"
+    assert _credentials_to_environment("http://127.0.0.1:5000") == "http://127.0.0.1:5000"
+    assert _credentials_to_environment("sqlite:////tmp/m.db") == "sqlite:////tmp/m.db"
