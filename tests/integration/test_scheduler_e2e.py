@@ -240,7 +240,8 @@ def nights(dockerd, step_image, services, labelstudio, small_config, free_port, 
     # must reach the step through the env file only, never Airflow's rendered environment.
     tracking = services["mlflow"].replace("http://", f"http://hfi-e2e:{SECRET}@", 1)
     env_file = tmp / "hfi.env"  # credentials: worker host file -> container, never through Airflow
-    env_file.write_text(f"AWS_ACCESS_KEY_ID={SECRET}\nAWS_SECRET_ACCESS_KEY={SECRET}\nAWS_DEFAULT_REGION=us-east-1\n"
+    # The access key id is an identifier, not a secret: presigned image URLs carry it by design.
+    env_file.write_text(f"AWS_ACCESS_KEY_ID=hfi-e2e-key\nAWS_SECRET_ACCESS_KEY={SECRET}\nAWS_DEFAULT_REGION=us-east-1\n"
                         f"LABEL_STUDIO_API_KEY={LS_TOKEN}\nMLFLOW_TRACKING_URI={tracking}\n")  # fmt: skip
     env_file.chmod(0o644)
     db = f"airflow_{uuid.uuid4().hex[:8]}"
