@@ -20,6 +20,7 @@ read-only and passed as ``hfi step --env-file``; it must be readable by the imag
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import logging
 import os
@@ -177,59 +178,49 @@ BAD_INPUT = 2
 since a retry would read the same input again."""
 
 
+@functools.cache
 def _docker_operator():
     """DockerOperator whose container exiting with ``BAD_INPUT`` fails the task without retries
     (made on first use: the provider is imported only by the runner that needs it)."""
-    global _DOCKER_OPERATOR
-    if _DOCKER_OPERATOR is None:
-        from airflow.exceptions import AirflowFailException
-        from airflow.providers.docker.exceptions import DockerContainerFailedException
-        from airflow.providers.docker.operators.docker import DockerOperator
+    from airflow.exceptions import AirflowFailException
+    from airflow.providers.docker.exceptions import DockerContainerFailedException
+    from airflow.providers.docker.operators.docker import DockerOperator
 
-        class StepDockerOperator(DockerOperator):
-            def execute(self, context):
-                try:
-                    return super().execute(context)
-                except DockerContainerFailedException as e:
-                    if re.search(rf"'StatusCode': {BAD_INPUT}\b", str(e)):
-                        raise AirflowFailException(f"{self.task_id}: bad input (exit 2): not retried") from e
-                    raise
+    class StepDockerOperator(DockerOperator):
+        def execute(self, context):
+            try:
+                return super().execute(context)
+            except DockerContainerFailedException as e:
+                if re.search(rf"'StatusCode': {BAD_INPUT}\b", str(e)):
+                    raise AirflowFailException(f"{self.task_id}: bad input (exit 2): not retried") from e
+                raise
 
-        _DOCKER_OPERATOR = StepDockerOperator
-    return _DOCKER_OPERATOR
+    return StepDockerOperator
 
 
-_DOCKER_OPERATOR = None
-
-
+@functools.cache
 def _pod_operator():
     """KubernetesPodOperator whose step container exiting with ``BAD_INPUT`` fails the task
     without retries (made on first use, like ``_docker_operator``)."""
-    global _POD_OPERATOR
-    if _POD_OPERATOR is None:
-        from airflow.exceptions import AirflowException, AirflowFailException, AirflowSkipException
-        from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+    from airflow.exceptions import AirflowException, AirflowFailException, AirflowSkipException
+    from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
-        class StepPodOperator(KubernetesPodOperator):
-            def cleanup(self, pod, remote_pod, *args, **kwargs):
-                try:
-                    return super().cleanup(pod, remote_pod, *args, **kwargs)
-                except (AirflowSkipException, AirflowFailException):
-                    raise
-                except AirflowException as e:
-                    status = remote_pod.status if remote_pod else None
-                    statuses = (status.container_statuses if status else None) or []
-                    step = next((c for c in statuses if c.name == self.base_container_name), None)
-                    ended = step.state.terminated if step and step.state else None
-                    if ended is not None and ended.exit_code == BAD_INPUT:
-                        raise AirflowFailException(f"{self.task_id}: bad input (exit 2): not retried") from e
-                    raise
+    class StepPodOperator(KubernetesPodOperator):
+        def cleanup(self, pod, remote_pod, *args, **kwargs):
+            try:
+                return super().cleanup(pod, remote_pod, *args, **kwargs)
+            except (AirflowSkipException, AirflowFailException):
+                raise
+            except AirflowException as e:
+                status = remote_pod.status if remote_pod else None
+                statuses = (status.container_statuses if status else None) or []
+                step = next((c for c in statuses if c.name == self.base_container_name), None)
+                ended = step.state.terminated if step and step.state else None
+                if ended is not None and ended.exit_code == BAD_INPUT:
+                    raise AirflowFailException(f"{self.task_id}: bad input (exit 2): not retried") from e
+                raise
 
-        _POD_OPERATOR = StepPodOperator
-    return _POD_OPERATOR
-
-
-_POD_OPERATOR = None
+    return StepPodOperator
 
 
 def command_task(task_id: str, argv: list[str], *, gpu: bool, timeout_hours: float, **extra):

@@ -22,14 +22,21 @@ def threads_for(args: argparse.Namespace, stage: str | None = None) -> int:
     sampled the toy world's batches of 64 1.5x faster, and ran its batch-1 ESD loop 1.14x slower."""
     if args.threads is not None:
         return max(1, args.threads)
-    names = ([f"HFI_THREADS_{stage.upper()}"] if stage else []) + ["HFI_THREADS"]
-    for var in names:
-        if value := os.environ.get(var, "").strip():
-            try:
-                return max(1, int(value))
-            except ValueError:
-                raise ValueError(f"${var}={value[:20]!r}: expected a whole number of threads") from None
+    for var in ([f"HFI_THREADS_{stage.upper()}"] if stage else []) + ["HFI_THREADS"]:
+        if (value := env_number(var, int)) is not None:
+            return max(1, int(value))
     return 1
+
+
+def env_number(var: str, kind: type[int] | type[float]) -> int | float | None:
+    """``$var`` as a number, ``None`` when unset or empty; a ValueError naming it otherwise."""
+    value = os.environ.get(var, "").strip()
+    if not value:
+        return None
+    try:
+        return kind(value)
+    except ValueError:
+        raise ValueError(f"${var}={value[:20]!r}: expected a {'whole ' if kind is int else ''}number") from None
 
 
 def setup_runtime(args: argparse.Namespace, stage: str | None = None) -> None:
@@ -98,11 +105,6 @@ def s3_settings():
     ``HFI_S3_CONNECT_TIMEOUT`` / ``HFI_S3_READ_TIMEOUT`` (seconds) and ``HFI_S3_MAX_ATTEMPTS``."""
     from hfi_core.store import S3Settings
 
-    limits = {}
-    for field, var in S3_ENV.items():
-        if value := os.environ.get(var, "").strip():
-            try:
-                limits[field] = int(value) if field == "max_attempts" else float(value)
-            except ValueError:
-                raise ValueError(f"${var}={value[:20]!r}: expected a number") from None
-    return S3Settings(endpoint_url=os.environ.get("HFI_S3_ENDPOINT_URL") or None, **limits)
+    limits = {f: env_number(var, int if f == "max_attempts" else float) for f, var in S3_ENV.items()}
+    return S3Settings(endpoint_url=os.environ.get("HFI_S3_ENDPOINT_URL") or None,
+                      **{f: v for f, v in limits.items() if v is not None})  # fmt: skip

@@ -25,3 +25,18 @@ def test_the_parent_gets_labels_auc_before_after_per_group_and_both_models_numbe
         "champion_concept_rate": 0.0, "champion_preservation_drop": 0.01,
     }  # fmt: skip
     assert headline("reward", {"skipped": True}, cfg) == {}
+
+
+def test_headline_keys_name_every_metric_headline_puts_on_a_parent():
+    """The nights view's columns are ``headline_keys``; a headline metric missing there would be
+    a metric no column shows."""
+    from hfi_core.stages import headline_keys
+
+    cfg = load_config(CONFIG)
+    groups = [ps.group for ps in cfg.prompts]
+    summary = {v: {g: {"oracle_striped": 0.5} for g in groups} for v in ("sd", "distilled")}
+    reg = {"night": {"concept_rate": 0.05, "preservation_drop": 0.02}, "champion": True, "gates_passed": True,
+           "previous_champion": {"version": "1", "concept_rate": 0.1, "preservation_drop": 0.01}}  # fmt: skip
+    made = {**headline("feedback", {"labels": 3, "rows": 1}, cfg), **headline("reward", {"holdout_auc": 0.9}, cfg),
+            **headline("evaluate", summary, cfg), **headline("register", reg, cfg)}  # fmt: skip
+    assert set(made) == set(headline_keys(cfg))
