@@ -9,8 +9,9 @@ included, and an error names the file and the dotted key (``generation.steps: ex
 Defaults that follow from other fields (the token's starting word, the negative prompt, SLD's
 concept, the evaluation CLIP, the registered model's name) are resolved here, once, at load.
 
-Model paths may be a diffusers/transformers folder, a hub id, or ``toyworld:sd`` /
-``toyworld:clip`` / ``toyworld:oracle`` for the committed toy world. ``toyworld:`` references
+Model paths may be a diffusers/transformers folder, a hub id, ``toyworld:sd`` /
+``toyworld:clip`` / ``toyworld:oracle`` for the committed toy world, or ``sd14:sd`` /
+``sd14:clip`` for the real-size fixture (``hfi sd14 fixture``). ``toyworld:`` references
 stay symbolic (``models.locate`` resolves them where models load), so a shipped config hashes the
 same in every checkout folder; a relative folder path (``./x``) is taken relative to the config
 file and stored absolute.
@@ -31,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from hfi_core.nudity import DEFAULT_CLASSES as NUDENET_CLASSES
 
 TOYWORLD_PARTS = ("sd", "clip", "oracle")
+SD14_PARTS = ("sd", "clip")  # hfi_core.sd14.FIXTURE_PARTS, without importing it
 
 
 class ConfigError(ValueError):
@@ -243,6 +245,10 @@ class InvertConfig(Section):
     it does not carry over to the words people use."""
     seed: int = Field(0, ge=0)
     """Seeds batches, noise and timesteps."""
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
+    """bf16 autocast over the fp32 embedding table; ``auto``: on CUDA only."""
+    gradient_checkpointing: bool = False
+    """Recompute the UNet's activations in the backward pass (inversion backpropagates through all of it)."""
 
     @field_validator("templates")
     @classmethod
@@ -307,6 +313,10 @@ class DistillConfig(Section):
     of ``rollout_reuse``, so that a resumed run starts a fresh rollout as the uninterrupted one did."""
     seed: int = Field(0, ge=0)
     """Seeds trajectories and timesteps."""
+    mixed_precision: Literal["auto", "bf16", "off"] = "auto"
+    """bf16 autocast over fp32 weights (the optimiser and the EMA stay fp32); ``auto``: on CUDA only."""
+    gradient_checkpointing: bool = False
+    """Recompute the UNet's activations in the backward pass: less memory, about a third more time."""
 
     @model_validator(mode="after")
     def _checkpoints_on_rollout_boundaries(self) -> DistillConfig:
@@ -393,6 +403,8 @@ class RunConfig(Section):
         for key, spec in self.model_specs().items():
             if spec.startswith("toyworld:") and spec.split(":", 1)[1] not in TOYWORLD_PARTS:
                 raise ValueError(f"{key}: {spec!r}: the toy world has {', '.join(TOYWORLD_PARTS)}")
+            if spec.startswith("sd14:") and spec.split(":", 1)[1] not in SD14_PARTS:
+                raise ValueError(f"{key}: {spec!r}: the real-size fixture has {', '.join(SD14_PARTS)}")
         # Derived defaults, resolved once here so every stage reads the same value.
         c = self.concept
         c.init_word = c.init_word or c.name
@@ -671,7 +683,7 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
 
 def _relative_to(spec: str, base: Path, any_path: bool = False) -> str:
     """``./x`` or ``../x`` (any relative path when ``any_path``) -> absolute under ``base``."""
-    if spec.startswith("toyworld:") or Path(spec).is_absolute() or not spec:
+    if spec.startswith(("toyworld:", "sd14:")) or Path(spec).is_absolute() or not spec:
         return spec
     if any_path or spec.startswith(("./", "../")):
         return str((base / spec).resolve())

@@ -162,7 +162,7 @@ def evaluate(
         pipe, [p for _, p, _ in plan], [s for _, _, s in plan], steps=gen.steps, guidance=gen.guidance,
         height=gen.height, width=gen.width, batch_size=batch_size, negative_prompt=negative, extra=kwargs,
     )  # fmt: skip
-    clip, processor = load_clip(ec.clip)
+    clip, processor = load_clip(ec.clip, cfg.model.device)  # the run's one device
     img_emb = image_embeddings(clip, processor, images)  # (N, D)
     prompt_emb = text_embeddings(clip, processor, [p for _, p, _ in plan])  # (N, D)
     concept = text_embeddings(clip, processor, cfg.concept.clip_texts)

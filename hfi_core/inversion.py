@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
 from hfi_core.config import InvertConfig
+from hfi_core.distill.common import autocast
 
 
 def reward_weights(rewards: np.ndarray, top_k: int = 0) -> np.ndarray:
@@ -105,13 +106,16 @@ def invert(
     gen = torch.Generator().manual_seed(cfg.seed)
     losses = []
     te.train()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()  # the gradient reaches v* through the whole UNet
     for _ in tqdm(range(cfg.steps), desc="invert", disable=not show_progress, dynamic_ncols=True):
         idx = pool[torch.randint(len(pool), (cfg.batch_size,), generator=gen)]
         z = latents[idx]  # (B, C, h, w)
         noise = torch.randn(z.shape, generator=gen).to(z)
         t = torch.randint(0, noise_sched.config.num_train_timesteps, (len(idx),), generator=gen).to(z.device)
-        cond = te(ids[torch.randint(len(ids), (len(idx),), generator=gen)])[0]  # (B, L, D)
-        pred = unet(noise_sched.add_noise(z, noise, t), t, cond).sample
+        with autocast(unet, cfg.mixed_precision):
+            cond = te(ids[torch.randint(len(ids), (len(idx),), generator=gen)])[0]  # (B, L, D)
+            pred = unet(noise_sched.add_noise(z, noise, t), t, cond).sample
         per_image = F.mse_loss(pred.float(), noise.float(), reduction="none").mean(dim=(1, 2, 3))  # (B,)
         loss = (w[idx] * per_image).mean()
         opt.zero_grad(set_to_none=True)
@@ -121,10 +125,11 @@ def invert(
             table[others] = original[others]  # every other row bit-identical, whatever the optimiser did
             if cap is not None and (n := table[token_id].norm()) > cap:
                 table[token_id] *= cap / n  # project back onto the ball of word-sized embeddings
-        losses.append(loss.item())
+        losses.append(loss.detach())  # no sync per step
     te.eval()
+    unet.disable_gradient_checkpointing()
     table.requires_grad_(False)
-    return table[token_id].detach().clone(), losses
+    return table[token_id].detach().clone(), [float(x) for x in torch.stack(losses).cpu()]
 
 
 def save_token(path: Path, token: str, vector: torch.Tensor) -> Path:

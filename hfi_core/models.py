@@ -6,6 +6,8 @@ pipeline's dtype and device follow the ``ModelConfig`` (``auto``: fp16 on CUDA, 
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from diffusers import (
     DDIMScheduler,
@@ -27,12 +29,20 @@ SCHEDULERS = {
 
 
 def locate(spec: str) -> str:
-    """Where a model reference points: ``toyworld:<part>`` -> the committed world's folder; a
+    """Where a model reference points: ``toyworld:<part>`` -> the committed world's folder;
+    ``sd14:<part>`` -> the real-size fixture's (``hfi sd14 fixture``); a
     folder or hub id unchanged. Configs keep the reference as written (see ``config``)."""
     if spec.startswith("toyworld:"):
         from hfi_core.toyworld import default_world
 
         return str(default_world() / spec.split(":", 1)[1])
+    if spec.startswith("sd14:"):
+        from hfi_core.sd14 import FIXTURE
+
+        path = FIXTURE / spec.split(":", 1)[1]
+        if not path.is_dir():
+            raise ValueError(f"{spec}: the real-size fixture is not built ({path}): run `hfi sd14 fixture`")
+        return str(path)
     return spec
 
 
@@ -81,7 +91,17 @@ def load_sd_pipeline(cfg: ModelConfig, scheduler: str = "dpmsolver") -> StableDi
         ) from None
     pipe.scheduler = SCHEDULERS[scheduler].from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
+    if device.type == "cuda":
+        use_tensor_cores()
+        pipe.vae.enable_slicing()  # decode a batch image by image: 64 images at 512 px at once need ~20 GB
     return pipe.to(device)
+
+
+def use_tensor_cores() -> None:
+    """fp32 matrix products and convolutions in TF32 on CUDA (Ampere and later): about 8x the fp32
+    rate at a 10-bit mantissa, which diffusion sampling and training do not notice."""
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
 
 
 def load_clip(path: str, device: str = "auto") -> tuple[CLIPModel, CLIPProcessor]:
@@ -95,6 +115,18 @@ def load_oracle(spec: str):
     from hfi_core.toyworld.oracle import Oracle
 
     return Oracle.from_pretrained(locate(spec), use_safetensors=True).eval()
+
+
+def cut_prompts(tokenizer: Any, prompt: str | list[str]) -> str | list[str]:
+    """Prompts longer than the text encoder's context cut to it, as SD's pipeline cuts them
+    (its first ``model_max_length - 2`` tokens, as text); shorter ones unchanged."""
+    limit = tokenizer.model_max_length - 2  # the begin and end tokens take two places
+
+    def cut(p: str) -> str:
+        ids = tokenizer(p, add_special_tokens=False).input_ids
+        return p if len(ids) <= limit else tokenizer.decode(ids[:limit])
+
+    return cut(prompt) if isinstance(prompt, str) else [cut(p) for p in prompt]
 
 
 def sld_pipeline(pipe: StableDiffusionPipeline, preset: str, concept: str):
@@ -117,7 +149,15 @@ def sld_pipeline(pipe: StableDiffusionPipeline, preset: str, concept: str):
     }
     if preset not in presets:
         raise ValueError(f"SLD preset {preset!r}: expected one of {list(presets)}")
-    safe = StableDiffusionPipelineSafe(**{**pipe.components, "safety_checker": None}, requires_safety_checker=False)
+
+    class SafeLatentDiffusion(StableDiffusionPipelineSafe):
+        # diffusers' SLD pipeline checks for cut prompts by tokenizing the batch padded to 77
+        # without truncation, which fails for any batch holding a prompt over 77 tokens; SD's
+        # own pipeline cuts such prompts at 77, and so do these, before the call.
+        def __call__(self, prompt: str | list[str], *args: Any, **kwargs: Any) -> Any:
+            return super().__call__(cut_prompts(self.tokenizer, prompt), *args, **kwargs)
+
+    safe = SafeLatentDiffusion(**{**pipe.components, "safety_checker": None}, requires_safety_checker=False)
     safe.safety_concept = concept
     safe.set_progress_bar_config(disable=True)
     return safe, dict(presets[preset])

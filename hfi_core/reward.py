@@ -238,6 +238,7 @@ def train_reward(
     *,
     cache_dir: Path | None = None,
     clip: tuple[CLIPModel, CLIPProcessor] | None = None,
+    device: str = "auto",
 ) -> dict[str, Any]:
     """Train the reward model on ``feedback_dir``'s labels and write it to ``out``.
 
@@ -249,7 +250,7 @@ def train_reward(
 
     out = Path(out)
     feedback_dir = Path(feedback_dir)
-    model, processor = clip or load_clip(cfg.clip)
+    model, processor = clip or load_clip(cfg.clip, device)  # embeddings come back on the CPU
     cache = EmbeddingCache(cache_dir or out.parent / "embedding_cache", model, processor, cfg.clip)
     labels_path, pairs_path = feedback_dir / "labels.parquet", feedback_dir / "pairs.parquet"
     if labels_path.exists():
@@ -278,13 +279,13 @@ def train_reward(
 
 @torch.no_grad()
 def score_images(
-    model_dir: Path, manifest: pd.DataFrame, image_root: Path, *, cache_dir: Path | None = None
+    model_dir: Path, manifest: pd.DataFrame, image_root: Path, *, cache_dir: Path | None = None, device: str = "auto"
 ) -> np.ndarray:
     """Rewards of the manifest's images, (N,), with the CLIP the reward model was trained on."""
     from hfi_core.models import load_clip
 
     reward = RewardModel.from_pretrained(model_dir, use_safetensors=True).eval()
-    clip_model, processor = load_clip(reward.config.clip)
+    clip_model, processor = load_clip(reward.config.clip, device)
     if cache_dir is not None:
         emb = EmbeddingCache(cache_dir, clip_model, processor, reward.config.clip).get(manifest, image_root)
     else:

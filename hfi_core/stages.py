@@ -247,8 +247,9 @@ def stage_reward(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]
     run = Path(run)
     manifest = read_manifest(run / "generate" / "manifest.parquet")
     metrics = train_reward(
-        cfg.reward, manifest, run / "generate", run / "feedback", run / "reward", cache_dir=run / "embedding_cache"
-    )
+        cfg.reward, manifest, run / "generate", run / "feedback", run / "reward", cache_dir=run / "embedding_cache",
+        device=cfg.model.device,
+    )  # fmt: skip
     return {k: v for k, v in metrics.items() if k != "config"}
 
 
@@ -264,7 +265,8 @@ def stage_invert(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]
     manifest = manifest[manifest.group.map(lambda g: any(g.startswith(p) for p in ic.groups))].reset_index(drop=True)
     if manifest.empty:
         raise ValueError(f"invert.groups: {ic.groups} match no generated group")
-    rewards = score_images(run / "reward" / "model", manifest, run / "generate", cache_dir=run / "embedding_cache")
+    rewards = score_images(run / "reward" / "model", manifest, run / "generate", cache_dir=run / "embedding_cache",
+                           device=cfg.model.device)  # fmt: skip
     weights = reward_weights(rewards, ic.top_k)
     pipe = load_sd_pipeline(cfg.model.model_copy(update={"dtype": "float32"}), "ddim")
     latents = encode_latents(pipe, load_images(manifest, run / "generate"))  # (N, C, h, w)
@@ -294,7 +296,8 @@ def _token_samples(pipe: Any, cfg: RunConfig, path: Path, n: int = 8) -> None:
 
     prompt = cfg.invert.templates[0].format(cfg.invert.token)
     g = cfg.generation
-    images = sample(pipe, [prompt] * n, list(range(n)), steps=g.steps, guidance=g.guidance)
+    images = sample(pipe, [prompt] * n, list(range(n)), steps=g.steps, guidance=g.guidance, height=g.height,
+                    width=g.width)  # fmt: skip
     save_grid(images, [(prompt, prompt, s) for s in range(n)], path, per_group=n)
 
 
@@ -327,8 +330,9 @@ def stage_distill(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any
     train = train_sdd if dc.method == "sdd" else train_esd
     out = run / "distill"
     t0 = time.time()
+    size = (cfg.generation.height, cfg.generation.width)  # train at the size the model is sampled at
     unet, names, losses = train(pipe, dc, prompts, out, resume=ctx.resume, show_progress=ctx.show_progress,
-                                on_checkpoint=ctx.checkpoint)  # fmt: skip
+                                on_checkpoint=ctx.checkpoint, size=size)  # fmt: skip
     shutil.rmtree(out / "checkpoint", ignore_errors=True)  # finished: the outputs are the model, not its state
     seconds = time.time() - t0
     if dc.trainable == "lora":

@@ -9,7 +9,7 @@ import sys
 # transformers announces at import that torchvision is absent and it uses PIL: true, and noise.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
-from tasks import bench, dags, feedback, pipeline, reward, stages, step, toyworld
+from tasks import bench, dags, feedback, pipeline, reward, sd14, stages, step, toyworld
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     step.register(top)
     dags.register(top)
     bench.register(top)
+    sd14.register(top)
     return parser
 
 

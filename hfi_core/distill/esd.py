@@ -1,7 +1,7 @@
 """ESD-x: erasing a concept by negative guidance (Gandikota et al.; METHOD.md stage 6).
 
-A frozen copy of the original UNet gives eps*. The trained UNet's conditional prediction is
-pulled to the negatively guided original:
+The original UNet gives eps* (its trained parameters' original values, swapped in: no second
+copy). The trained UNet's conditional prediction is pulled to the negatively guided original:
 
     eps_theta(x_t, c, t)  ->  eps*(x_t, "", t) - eta * (eps*(x_t, c, t) - eps*(x_t, "", t))
 
@@ -11,7 +11,6 @@ prompt, and only cross-attention training (the "-x" variant). The trained UNet i
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,7 +22,10 @@ from tqdm.auto import tqdm
 from hfi_core.config import DistillConfig
 from hfi_core.distill.common import (
     Rollouts,
+    Weights,
     add_preservation,
+    assign,
+    autocast,
     load_checkpoint,
     prepare,
     save_checkpoint,
@@ -32,15 +34,17 @@ from hfi_core.distill.common import (
 
 @torch.no_grad()
 def esd_target(
-    frozen: UNet2DConditionModel,
+    unet: UNet2DConditionModel,
+    original: Weights,
     x_t: torch.Tensor,
     t: torch.Tensor,
     cond: torch.Tensor,
     uncond: torch.Tensor,
     eta: float,
 ) -> torch.Tensor:
-    """eps*(x_t, "") - eta * (eps*(x_t, c) - eps*(x_t, "")), (B, C, H, W)."""
-    e_u, e_c = frozen(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond])).sample.chunk(2)
+    """eps*(x_t, "") - eta * (eps*(x_t, c) - eps*(x_t, "")), (B, C, H, W), eps* the original model."""
+    with original.applied():
+        e_u, e_c = unet(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([uncond, cond])).sample.chunk(2)
     return e_u - eta * (e_c - e_u)
 
 
@@ -53,34 +57,32 @@ def train_esd(
     resume: bool = False,
     show_progress: bool = True,
     on_checkpoint: Callable[[Path], None] | None = None,
+    size: tuple[int | None, int | None] | None = None,
 ) -> tuple[UNet2DConditionModel, list[str], list[float]]:
     """Erase what ``concept_prompts`` name from ``pipe.unet`` by ESD-x.
 
     Returns ``(unet, trained_names, losses)`` like ``train_sdd`` (whose arguments it takes).
     """
     unet = pipe.unet
-    frozen = copy.deepcopy(unet).eval().requires_grad_(False)
-    s = prepare(pipe, cfg, concept_prompts, anchor=frozen)
+    s = prepare(pipe, cfg, concept_prompts, size)
     names = s.names
     start, ckpt = 0, Path(work) / "checkpoint"
     if resume and (restored := load_checkpoint(ckpt, s.opt, s.rng, s.gen)) is not None:
         start, params = restored
-        current = dict(unet.named_parameters())
-        with torch.no_grad():
-            for n in names:
-                current[n].copy_(params[f"student.{n}"])
+        assign(unet, {n: params[f"student.{n}"] for n in names})
 
     losses, rollouts = [], Rollouts(s, cfg)
     for step in tqdm(range(start, cfg.steps), desc="esd", initial=start, total=cfg.steps, disable=not show_progress):
-        cond, x_t, t = rollouts.state(unet, step)  # x_t from the model in training, (B, C, H, W)
-        target = esd_target(frozen, x_t, t, cond, s.uncond, cfg.esd_eta)
-        loss = F.mse_loss(unet(x_t, t, cond).sample.float(), target.float())
-        loss = add_preservation(s, unet, loss, x_t, t, step, cfg.preserve_weight)
+        with autocast(unet, cfg.mixed_precision):
+            cond, x_t, t = rollouts.state(unet, step)  # x_t from the model in training, (B, C, H, W)
+            target = esd_target(unet, s.original, x_t, t, cond, s.uncond, cfg.esd_eta)
+            loss = F.mse_loss(unet(x_t, t, cond).sample.float(), target.float())
+            loss = add_preservation(s, unet, loss, x_t, t, step, cfg.preserve_weight)
         s.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip)
         s.opt.step()
-        losses.append(loss.item())
+        losses.append(loss.detach())  # no sync per step
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
             current = dict(unet.named_parameters())
             saved = save_checkpoint(
@@ -89,4 +91,4 @@ def train_esd(
             if on_checkpoint is not None:
                 on_checkpoint(saved)
     unet.eval()
-    return unet, names, losses
+    return unet, names, [float(x) for x in torch.stack(losses).cpu()] if losses else []

@@ -31,6 +31,8 @@ from hfi_core.distill.common import (
     EMA,
     Rollouts,
     add_preservation,
+    assign,
+    autocast,
     load_checkpoint,
     prepare,
     save_checkpoint,
@@ -59,45 +61,51 @@ def train_sdd(
     resume: bool = False,
     show_progress: bool = True,
     on_checkpoint: Callable[[Path], None] | None = None,
+    size: tuple[int | None, int | None] | None = None,
+    student_dir: Path | None = None,
 ) -> tuple[UNet2DConditionModel, list[str], list[float]]:
     """Erase what ``concept_prompts`` name from ``pipe.unet``.
 
     Args:
         work: checkpoint folder (``work/checkpoint``); ``resume`` continues from it.
         on_checkpoint: called with each checkpoint file once it is written whole.
+        size: the training states' (height, width) in pixels; ``None``: the model's native size.
+        student_dir: also save the student there (the teacher is what is returned).
     Returns:
-        ``(teacher, trained_names, losses)``: the EMA UNet, the names of the parameters that
-        trained, and the loss of every step run by this call.
+        ``(teacher, trained_names, losses)``: ``pipe.unet`` with the EMA teacher's values in
+        place, the names of the parameters that trained, and the loss of every step run here.
     """
     unet = pipe.unet
-    s = prepare(pipe, cfg, concept_prompts)
+    s = prepare(pipe, cfg, concept_prompts, size)
     names = s.names
-    ema = EMA(unet, names, cfg.ema_decay)
+    ema = EMA(unet, names, cfg.ema_decay)  # the trained parameters' EMA; the rest is shared with the student
     start, ckpt = 0, Path(work) / "checkpoint"
     if resume and (restored := load_checkpoint(ckpt, s.opt, s.rng, s.gen)) is not None:
         start, params = restored
-        student, teacher = dict(unet.named_parameters()), dict(ema.teacher.named_parameters())
-        with torch.no_grad():
-            for n in names:
-                student[n].copy_(params[f"student.{n}"])
-                teacher[n].copy_(params[f"teacher.{n}"])
+        assign(unet, {n: params[f"student.{n}"] for n in names})
+        ema.load({n: params[f"teacher.{n}"] for n in names})
 
     losses, rollouts = [], Rollouts(s, cfg)
     for step in tqdm(range(start, cfg.steps), desc="sdd", initial=start, total=cfg.steps, disable=not show_progress):
-        cond, x_t, t = rollouts.state(ema.teacher, step)  # x_t from the EMA teacher's trajectory, (B, C, H, W)
-        loss = add_preservation(s, unet, sdd_loss(unet, x_t, t, cond, s.uncond), x_t, t, step, cfg.preserve_weight)
+        with autocast(unet, cfg.mixed_precision):
+            with ema.applied():  # x_t from the EMA teacher's trajectory, (B, C, H, W)
+                cond, x_t, t = rollouts.state(unet, step)
+            loss = sdd_loss(unet, x_t, t, cond, s.uncond)
+            loss = add_preservation(s, unet, loss, x_t, t, step, cfg.preserve_weight)
         s.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip)
         s.opt.step()
         ema.update()
-        losses.append(loss.item())
+        losses.append(loss.detach())  # no sync per step: read back once, at the end
         if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
-            student, teacher = dict(unet.named_parameters()), dict(ema.teacher.named_parameters())
+            student = dict(unet.named_parameters())
             params = {f"student.{n}": student[n].detach().clone() for n in names}
-            params |= {f"teacher.{n}": teacher[n].detach().clone() for n in names}
+            params |= {f"teacher.{n}": v for n, v in ema.state().items()}
             saved = save_checkpoint(ckpt, step + 1, params, s.opt, s.rng, s.gen)
             if on_checkpoint is not None:
                 on_checkpoint(saved)  # e.g. copy it to the run store, where a retried step finds it
     unet.eval()
-    return ema.teacher, names, losses
+    if student_dir is not None:
+        unet.save_pretrained(student_dir)
+    return ema.copy_into(unet), names, [float(x) for x in torch.stack(losses).cpu()] if losses else []

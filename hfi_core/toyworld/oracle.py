@@ -49,13 +49,17 @@ class Oracle(ModelMixin, ConfigMixin):
         """Class probabilities per attribute for images.
 
         Args:
-            images: uint8 (N, H, W, 3) or float in [0, 1] (N, H, W, 3), as pipelines return them.
+            images: uint8 (N, H, W, 3) or float in [0, 1] (N, H, W, 3), as pipelines return them;
+                other sizes than the oracle's are resized to it.
         Returns:
             ``{attribute: (N, n_classes) float array}``; class order as in ``ATTRIBUTES``.
         """
         x = torch.as_tensor(np.asarray(images))
         x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
         x = x.permute(0, 3, 1, 2).to(self.device, self.dtype)  # (N, 3, H, W)
+        size = self.config.image_size
+        if x.shape[-2:] != (size, size):  # another model's images: judged at the oracle's own size
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bilinear", antialias=True)
         out: dict[str, list[np.ndarray]] = {k: [] for k in ATTRIBUTES}
         for i in range(0, len(x), batch_size):
             for k, logits in self(x[i : i + batch_size]).items():

@@ -11,6 +11,7 @@ from hfi_core.config import ConfigError, DistillConfig, InvertConfig
 from hfi_core.distill.common import (
     EMA,
     Rollouts,
+    Weights,
     ddim_scheduler,
     encode_prompts,
     prepare,
@@ -68,11 +69,11 @@ def test_sdd_loss_sends_no_gradient_through_its_target(pipe):
 
 
 def test_preservation_loss_is_zero_for_the_original_and_pulls_a_changed_model_back(pipe):
-    anchor = copy.deepcopy(pipe.unet).eval().requires_grad_(False)
+    trained = select_trainable(pipe.unet, "attn2_kv")
+    anchor = Weights(pipe.unet, [n for n, _ in trained])  # the original values of what trains
     x, t = torch.randn(2, 4, 16, 16), torch.tensor([400, 100])
     cond = encode_prompts(pipe, ["a red circle with polka dots"] * 2)
     assert preservation_loss(pipe.unet, anchor, x, t, cond).item() == 0.0
-    trained = select_trainable(pipe.unet, "attn2_kv")
     with torch.no_grad():
         for _, p in trained:
             p.add_(0.05 * torch.randn_like(p))
@@ -82,7 +83,7 @@ def test_preservation_loss_is_zero_for_the_original_and_pulls_a_changed_model_ba
     opt = torch.optim.SGD([p for _, p in trained], lr=0.5)
     opt.step()  # one step down the anchor's gradient moves the model back towards the original
     assert preservation_loss(pipe.unet, anchor, x, t, cond).item() < loss.item()
-    assert all(p.grad is None for p in anchor.parameters())
+    assert all(v.grad is None for v in anchor.values)
 
 
 def test_preserve_prompts_keep_training_resumable_bit_for_bit(base_pipe, tmp_path):
@@ -100,6 +101,7 @@ def test_ema_update_moves_the_teacher_a_fraction_of_the_way_and_only_on_trained_
     names = [n for n, _ in select_trainable(pipe.unet, "attn2")]
     ema = EMA(pipe.unet, names, decay=0.9)
     before = ema.state()
+    assert sorted(before) == sorted(names)  # only what trains is kept: the rest is the student's
     with torch.no_grad():
         for p in pipe.unet.parameters():
             p.add_(1.0)  # the student moves everywhere
@@ -197,8 +199,9 @@ def test_esd_target_is_negatively_guided_and_reduces_to_unconditional_at_eta_zer
     cond, uncond = encode_prompts(pipe, ["a green triangle"] * 2), encode_prompts(pipe, ["", ""])
     with torch.no_grad():
         e_u, e_c = pipe.unet(x, t, uncond).sample, pipe.unet(x, t, cond).sample
-    assert torch.allclose(esd_target(pipe.unet, x, t, cond, uncond, 1.0), 2 * e_u - e_c, atol=1e-5)
-    assert torch.allclose(esd_target(pipe.unet, x, t, cond, uncond, 0.0), e_u, atol=1e-5)
+    none = Weights(pipe.unet, [])
+    assert torch.allclose(esd_target(pipe.unet, none, x, t, cond, uncond, 1.0), 2 * e_u - e_c, atol=1e-5)
+    assert torch.allclose(esd_target(pipe.unet, none, x, t, cond, uncond, 0.0), e_u, atol=1e-5)
 
 
 def test_reward_weights_clip_negatives_keep_top_k_and_average_one():
@@ -269,3 +272,63 @@ def test_lora_trains_only_adapter_matrices_and_merges_into_a_plain_unet_with_the
     with torch.no_grad():
         assert torch.allclose(plain(x, t, c).sample, teacher(x, t, c).sample, atol=1e-5)
         assert not torch.allclose(plain(x, t, c).sample, base_pipe.unet(x, t, c).sample, atol=1e-5)
+
+
+def _full_copy_loop(pipe, cfg, prompts, method):
+    """The loops as written before the teacher and the original kept only what trains: full
+    copies of the UNet, one per role. The swapped-in values must reproduce them bit for bit."""
+    s = prepare(pipe, cfg, prompts)
+    unet, names = pipe.unet, s.names
+    teacher = copy.deepcopy(unet).eval().requires_grad_(False)
+    original = copy.deepcopy(unet).eval().requires_grad_(False)
+    t_params, u_params = dict(teacher.named_parameters()), dict(unet.named_parameters())
+    rollouts = Rollouts(s, cfg)
+    for step in range(cfg.steps):
+        cond, x, t = rollouts.state(teacher if method == "sdd" else unet, step)
+        if method == "sdd":
+            loss = sdd_loss(unet, x, t, cond, s.uncond)
+        else:
+            with torch.no_grad():
+                e_u, e_c = original(torch.cat([x, x]), torch.cat([t, t]), torch.cat([s.uncond, cond])).sample.chunk(2)
+            loss = torch.nn.functional.mse_loss(unet(x, t, cond).sample, e_u - cfg.esd_eta * (e_c - e_u))
+        c_p = s.preserve[step % len(s.preserve)].expand(x.shape[0], -1, -1)
+        with torch.no_grad():
+            target = original(x, t, c_p).sample
+        loss = loss + cfg.preserve_weight * torch.nn.functional.mse_loss(unet(x, t, c_p).sample, target)
+        s.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip)
+        s.opt.step()
+        with torch.no_grad():
+            for n in names:
+                t_params[n].lerp_(u_params[n], 1.0 - cfg.ema_decay)
+    return (teacher if method == "sdd" else unet).state_dict()
+
+
+@pytest.mark.parametrize("method", ["sdd", "esd"])
+def test_swapped_teacher_and_original_train_exactly_as_full_copies_did(base_pipe, tmp_path, method):
+    cfg = DistillConfig(method=method, steps=4, lr=1e-3, sampler_steps=6, batch_size=2, ema_decay=0.5,
+                        checkpoint_every=0, preserve_prompts=["a with polka dots"])  # fmt: skip
+    prompts = ["a red circle in the style of van stripe"]
+    expected = _full_copy_loop(copy.deepcopy(base_pipe), cfg, prompts, method)
+    train = train_sdd if method == "sdd" else train_esd
+    got, names, _ = train(copy.deepcopy(base_pipe), cfg, prompts, tmp_path, show_progress=False)
+    got = got.state_dict()
+    assert all(torch.equal(got[n], expected[n]) for n in expected)
+    assert any(not torch.equal(got[n], base_pipe.unet.state_dict()[n]) for n in names)  # it did train
+
+
+def test_weights_swap_in_for_a_block_and_back(pipe):
+    names = [n for n, _ in select_trainable(pipe.unet, "attn2_kv")]
+    other = Weights(pipe.unet, names)
+    with torch.no_grad():
+        for v in other.values:
+            v.add_(1.0)
+    x, t, c = torch.randn(1, 4, 16, 16), torch.tensor([300]), encode_prompts(pipe, ["a blue square"])
+    with torch.no_grad():
+        own = pipe.unet(x, t, c).sample
+        with other.applied():
+            swapped = pipe.unet(x, t, c).sample
+            assert other.state()[names[0]].equal(dict(pipe.unet.named_parameters())[names[0]].detach())
+        assert pipe.unet(x, t, c).sample.equal(own) and not swapped.equal(own)
+    assert sum(v.numel() for v in other.values) < 0.2 * sum(p.numel() for p in pipe.unet.parameters())

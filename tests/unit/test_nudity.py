@@ -18,3 +18,19 @@ def test_nudenet_runs_offline_and_names_its_onnx_file_classes_and_threshold():
         False,
         False,
     ]
+
+
+def test_batched_detection_gives_each_image_the_scores_it_gets_alone():
+    from nudenet.nudenet import _read_image
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (h, 96, 3), dtype=np.uint8) for h in (64, 96, 128)]  # sizes differ too
+    detector = NudityDetector(threshold=0.0)
+    session = detector.detector.onnx_session
+    name = detector.detector.input_name
+    blobs = [_read_image(np.ascontiguousarray(im[..., ::-1]), 320)[0] for im in images]
+    together = session.run(None, {name: np.vstack(blobs)})[0]
+    alone = np.concatenate([session.run(None, {name: b})[0] for b in blobs])
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-4)  # the ONNX graph takes a batch axis
+    same = np.stack([rng.integers(0, 256, (64, 64, 3), dtype=np.uint8) for _ in range(5)])
+    assert detector.flags(same, batch_size=2).tolist() == [bool(detector.flags(im[None])[0]) for im in same]

@@ -37,3 +37,14 @@ def test_saved_tokenizer_reloads_with_identical_ids_and_sd_padding(tmp_path):
     assert len(padded) == again.model_max_length == 20
     assert padded[-1] == again.pad_token_id == again.eos_token_id  # SD v1.4 pads with <|endoftext|>
     assert (tmp_path / "tok" / "vocab.json").exists() and (tmp_path / "tok" / "merges.txt").exists()
+
+
+def test_prompts_over_the_context_are_cut_to_what_truncation_keeps(tmp_path):
+    from hfi_core.models import cut_prompts
+
+    tok = build_tokenizer(tmp_path / "tok")
+    long = " ".join(["a red circle with polka dots"] * 20)  # 120 words, over 77 tokens
+    short = "a blue square like a barcode"
+    cut, same = cut_prompts(tok, [long, short])
+    assert same == short and len(tok(cut).input_ids) == tok.model_max_length
+    assert tok(cut).input_ids == tok(long, truncation=True, max_length=tok.model_max_length).input_ids
