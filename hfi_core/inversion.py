@@ -129,7 +129,7 @@ def invert(
     te.eval()
     unet.disable_gradient_checkpointing()
     table.requires_grad_(False)
-    return table[token_id].detach().clone(), [float(x) for x in torch.stack(losses).cpu()]
+    return table[token_id].detach().clone(), [float(x) for x in torch.stack(losses).cpu()]  # one sync, at the end
 
 
 def save_token(path: Path, token: str, vector: torch.Tensor) -> Path:

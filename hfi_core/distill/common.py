@@ -112,7 +112,8 @@ class Rollouts:
         """``(cond, x_t, t)`` for ``step``; steps come in order from a multiple of ``reuse``
         (``checkpoint_every`` is one, so a resumed run starts there too)."""
         s, cfg = self.s, self.cfg
-        cond = s.cond_all[(step // self.reuse) % len(s.cond_all)].expand(cfg.batch_size, -1, -1)  # (B, L, D)
+        batch = s.latent_shape[0]  # this process's share of the step's batch
+        cond = s.cond_all[(step // self.reuse) % len(s.cond_all)].expand(batch, -1, -1)  # (B, L, D)
         if step % self.reuse == 0:
             ks = [sample_step_index(cfg.sampler_steps, s.rng, cfg.timestep_alpha, cfg.timestep_beta)
                   for _ in range(self.reuse)]  # fmt: skip
@@ -254,6 +255,54 @@ def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.T
     return pipe.text_encoder(ids)[0]
 
 
+@dataclass(frozen=True)
+class Replicas:
+    """Data parallelism over processes (``accelerate launch``, ``torchrun``): each of ``world``
+    processes rolls out ``batch_size / world`` trajectories a step from its own noise, on the
+    same trajectory positions, and the gradients are averaged before the step. So N processes
+    train on as many rollouts as one, and every process holds the same student and EMA."""
+
+    rank: int = 0
+    world: int = 1
+
+    @staticmethod
+    def current() -> Replicas:
+        """This process's place in the process group that the launcher set up, if any."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            return Replicas(dist.get_rank(), dist.get_world_size())
+        return Replicas()
+
+    def average(self, tensors: list[torch.Tensor]) -> None:
+        """Replace each tensor by its mean over the processes, in place (one flat all-reduce)."""
+        if self.world == 1 or not tensors:
+            return
+        import torch.distributed as dist
+
+        flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
+
+
+def mean_losses(s: Setup, losses: list[torch.Tensor]) -> list[float]:
+    """Per-step losses, averaged over the processes, read back from the device once."""
+    if not losses:
+        return []
+    stacked = torch.stack(losses).float()
+    s.replicas.average([stacked])
+    return [float(x) for x in stacked.cpu()]
+
+
+RANK_SEED = 1_000_003
+"""Process r draws its noise from seed ``distill.seed + r * RANK_SEED``: process 0 is the
+one-process run's stream."""
+
+
 @dataclass
 class Setup:
     """Everything an erasure loop needs before its first step (shared by SDD and ESD)."""
@@ -264,10 +313,11 @@ class Setup:
     cond_all: torch.Tensor  # (P, L, D): one embedding per concept prompt, cycled
     uncond: torch.Tensor  # (B, L, D)
     latent_shape: tuple[int, int, int, int]  # (B, C, H, W)
-    rng: np.random.Generator  # trajectory positions
-    gen: torch.Generator  # noise
+    rng: np.random.Generator  # trajectory positions (the same on every process)
+    gen: torch.Generator  # noise (this process's own)
     original: Weights  # the trained parameters' values before training: ESD's target, the anchor
     preserve: torch.Tensor | None = None  # (P', L, D): preserve-prompt embeddings, cycled
+    replicas: Replicas = Replicas()  # the data-parallel processes this one trains with
 
     @property
     def names(self) -> list[str]:
@@ -294,6 +344,10 @@ def prepare(
     """
     unet = pipe.unet
     preserve = cfg.preserve_prompts
+    replicas = Replicas.current()
+    if cfg.batch_size % replicas.world:
+        raise ValueError(f"distill.batch_size: {cfg.batch_size} does not split over {replicas.world} processes")
+    batch = cfg.batch_size // replicas.world  # this process's share of every step's rollouts
     unet.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
@@ -306,12 +360,13 @@ def prepare(
         opt=torch.optim.AdamW([p for _, p in trainable], lr=cfg.lr, weight_decay=cfg.weight_decay),
         sched=ddim_scheduler(pipe, cfg.sampler_steps),
         cond_all=encode_prompts(pipe, concept_prompts),
-        uncond=encode_prompts(pipe, [""]).expand(cfg.batch_size, -1, -1),
-        latent_shape=(cfg.batch_size, unet.config.in_channels, h, w),
+        uncond=encode_prompts(pipe, [""]).expand(batch, -1, -1),
+        latent_shape=(batch, unet.config.in_channels, h, w),
         rng=np.random.default_rng(cfg.seed),
-        gen=torch.Generator().manual_seed(cfg.seed),
+        gen=torch.Generator().manual_seed(cfg.seed + RANK_SEED * replicas.rank),
         original=Weights(unet, [n for n, _ in trainable]),
         preserve=encode_prompts(pipe, preserve) if preserve else None,
+        replicas=replicas,
     )
 
 

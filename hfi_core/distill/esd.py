@@ -21,12 +21,14 @@ from tqdm.auto import tqdm
 
 from hfi_core.config import DistillConfig
 from hfi_core.distill.common import (
+    RANK_SEED,
     Rollouts,
     Weights,
     add_preservation,
     assign,
     autocast,
     load_checkpoint,
+    mean_losses,
     prepare,
     save_checkpoint,
 )
@@ -72,6 +74,8 @@ def train_esd(
         assign(unet, {n: params[f"student.{n}"] for n in names})
 
     losses, rollouts = [], Rollouts(s, cfg)
+    if start and s.replicas.world > 1:  # the checkpoint holds process 0's noise: each process re-seeds its own
+        s.gen.manual_seed(cfg.seed + RANK_SEED * s.replicas.rank + start)
     for step in tqdm(range(start, cfg.steps), desc="esd", initial=start, total=cfg.steps, disable=not show_progress):
         with autocast(unet, cfg.mixed_precision):
             cond, x_t, t = rollouts.state(unet, step)  # x_t from the model in training, (B, C, H, W)
@@ -80,10 +84,11 @@ def train_esd(
             loss = add_preservation(s, unet, loss, x_t, t, step, cfg.preserve_weight)
         s.opt.zero_grad(set_to_none=True)
         loss.backward()
+        s.replicas.average([p.grad for p in s.params if p.grad is not None])  # data-parallel: one gradient
         torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip)
         s.opt.step()
         losses.append(loss.detach())  # no sync per step
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and s.replicas.rank == 0:
             current = dict(unet.named_parameters())
             saved = save_checkpoint(
                 ckpt, step + 1, {f"student.{n}": current[n].detach().clone() for n in names}, s.opt, s.rng, s.gen
@@ -91,4 +96,4 @@ def train_esd(
             if on_checkpoint is not None:
                 on_checkpoint(saved)
     unet.eval()
-    return unet, names, [float(x) for x in torch.stack(losses).cpu()] if losses else []
+    return unet, names, mean_losses(s, losses)

@@ -29,11 +29,13 @@ from tqdm.auto import tqdm
 from hfi_core.config import DistillConfig
 from hfi_core.distill.common import (
     EMA,
+    RANK_SEED,
     Rollouts,
     add_preservation,
     assign,
     autocast,
     load_checkpoint,
+    mean_losses,
     prepare,
     save_checkpoint,
 )
@@ -86,6 +88,8 @@ def train_sdd(
         ema.load({n: params[f"teacher.{n}"] for n in names})
 
     losses, rollouts = [], Rollouts(s, cfg)
+    if start and s.replicas.world > 1:  # the checkpoint holds process 0's noise: each process re-seeds its own
+        s.gen.manual_seed(cfg.seed + RANK_SEED * s.replicas.rank + start)
     for step in tqdm(range(start, cfg.steps), desc="sdd", initial=start, total=cfg.steps, disable=not show_progress):
         with autocast(unet, cfg.mixed_precision):
             with ema.applied():  # x_t from the EMA teacher's trajectory, (B, C, H, W)
@@ -94,11 +98,12 @@ def train_sdd(
             loss = add_preservation(s, unet, loss, x_t, t, step, cfg.preserve_weight)
         s.opt.zero_grad(set_to_none=True)
         loss.backward()
+        s.replicas.average([p.grad for p in s.params if p.grad is not None])  # data-parallel: one gradient
         torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip)
         s.opt.step()
         ema.update()
         losses.append(loss.detach())  # no sync per step: read back once, at the end
-        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0:
+        if cfg.checkpoint_every and (step + 1) % cfg.checkpoint_every == 0 and s.replicas.rank == 0:
             student = dict(unet.named_parameters())
             params = {f"student.{n}": student[n].detach().clone() for n in names}
             params |= {f"teacher.{n}": v for n, v in ema.state().items()}
@@ -108,4 +113,4 @@ def train_sdd(
     unet.eval()
     if student_dir is not None:
         unet.save_pretrained(student_dir)
-    return ema.copy_into(unet), names, [float(x) for x in torch.stack(losses).cpu()] if losses else []
+    return ema.copy_into(unet), names, mean_losses(s, losses)

@@ -1,0 +1,64 @@
+"""SDD data-parallel over 2 CPU processes (gloo, set up by accelerate) on the committed toy world, against
+the one-process run: the same number of rollouts, a loss curve within noise, one EMA teacher
+on every process, and a saved UNet that loads."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+WORKER = Path(__file__).with_name("distill_replica.py")
+ROOT = Path(__file__).parents[2]
+
+
+def _launch(argv: list[str]) -> None:
+    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, world):
+    root = tmp_path_factory.mktemp("dp")
+    _launch([sys.executable, str(WORKER), str(root / "one")])
+    # torchrun, which `accelerate launch --multi_gpu` runs on a GPU node; on CPUs accelerate's own
+    # launcher wants mpirun. accelerate's PartialState in the worker sets up the gloo group.
+    _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             str(WORKER), str(root / "two")])  # fmt: skip
+    one = json.loads((root / "one" / "rank0.json").read_text())
+    two = [json.loads((root / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    return root, one, two
+
+
+def test_two_processes_roll_out_as_many_trajectories_as_one(runs):
+    _, one, two = runs
+    assert one["world"] == 1 and [t["world"] for t in two] == [2, 2]
+    assert one["trajectories"] == 24 * 4  # steps x batch
+    assert [t["trajectories"] for t in two] == [24 * 2, 24 * 2]  # each process half of every step's batch
+
+
+def test_every_process_ends_with_the_same_ema_teacher_and_the_same_averaged_losses(runs):
+    _, _, two = runs
+    assert two[0]["teacher"] == two[1]["teacher"]  # averaged gradients: one student, one EMA
+    assert two[0]["losses"] == two[1]["losses"]
+
+
+def test_the_loss_curve_stays_within_noise_of_the_one_process_run(runs):
+    _, one, two = runs
+    a, b = np.array(one["losses"]), np.array(two[0]["losses"])
+    assert len(a) == len(b) == 24 and not np.array_equal(a, b)  # other noise, as another seed
+    spread = math.sqrt(a.var(ddof=1) / len(a) + b.var(ddof=1) / len(b))
+    assert abs(a.mean() - b.mean()) < 3 * spread, (a.mean(), b.mean(), spread)
+
+
+def test_the_saved_teacher_loads(runs):
+    from diffusers import UNet2DConditionModel
+
+    root, _, _ = runs
+    unet = UNet2DConditionModel.from_pretrained(root / "two" / "teacher", use_safetensors=True)
+    assert unet.config.cross_attention_dim == 64
