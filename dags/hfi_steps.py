@@ -160,7 +160,16 @@ def run_argv(*argv: str) -> None:
 def step_task(stage: str):
     """The operator running ``stage`` with the runner chosen by ``HFI_STEP_RUNNER``."""
     row = STAGES[stage]
-    return command_task(stage, step_argv(stage), gpu=row["gpu"], timeout_hours=row["timeout_hours"])
+    argv = step_argv(stage)
+    if row.get("parallel") and row["gpu"] and RUNNER != "local" and GPUS.isdigit() and int(GPUS) > 1:
+        argv = data_parallel(argv, int(GPUS))
+    return command_task(stage, argv, gpu=row["gpu"], timeout_hours=row["timeout_hours"])
+
+
+def data_parallel(argv: list[str], processes: int) -> list[str]:
+    """``argv`` as one process per GPU, for a stage that trains data-parallel (distill): torchrun,
+    which is what ``accelerate launch --multi_gpu`` runs, starting the ``hfi`` binary itself."""
+    return ["torchrun", "--standalone", "--nproc_per_node", str(processes), "--no-python", *argv]
 
 
 def pull_argv() -> list[str]:
@@ -241,6 +250,7 @@ def command_task(task_id: str, argv: list[str], *, gpu: bool, timeout_hours: flo
         # through Airflow (rendered templates, XCom, logs), and no shell ever runs: the image's
         # entrypoint is ``hfi``, the command the step's argv.
         env_file, mounts, command = os.environ.get("HFI_DOCKER_ENV_FILE"), [], argv[1:]
+        entrypoint = None if argv[0] == HFI_BIN else argv[:1]  # the image's own (hfi), or the launcher
         if env_file:
             # ``mounts`` is a templated field and DockerOperator reads any string ending in ".env"
             # as a template file to load; a Jinja string literal renders to the path itself.
@@ -249,6 +259,7 @@ def command_task(task_id: str, argv: list[str], *, gpu: bool, timeout_hours: flo
             command = [*command, "--env-file", SECRET_ENV]
         return _docker_operator()(
             image=IMAGE,
+            entrypoint=entrypoint,
             command=command,
             environment=env,
             mounts=mounts,

@@ -315,6 +315,7 @@ def concept_prompts(cfg: RunConfig, token: str | None) -> list[str]:
 
 def stage_distill(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
     """SDD or ESD-x on the concept prompts (with v* when ``distill.use_token``)."""
+    from hfi_core.distill.common import Replicas
     from hfi_core.distill.esd import train_esd
     from hfi_core.distill.outputs import save_distilled
     from hfi_core.distill.sdd import train_sdd
@@ -333,8 +334,10 @@ def stage_distill(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any
     size = (cfg.generation.height, cfg.generation.width)  # train at the size the model is sampled at
     unet, names, losses = train(pipe, dc, prompts, out, resume=ctx.resume, show_progress=ctx.show_progress,
                                 on_checkpoint=ctx.checkpoint, size=size)  # fmt: skip
-    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # finished: the outputs are the model, not its state
     seconds = time.time() - t0
+    if (replicas := Replicas.current()).rank > 0:  # data-parallel: process 0 holds the same model and saves it
+        return {"replica": replicas.rank, "steps_run": len(losses), "seconds": round(seconds, 1)}
+    shutil.rmtree(out / "checkpoint", ignore_errors=True)  # finished: the outputs are the model, not its state
     if dc.trainable == "lora":
         from hfi_core.distill.common import merge_lora
 
@@ -579,6 +582,9 @@ class Stage:
     instead of running untracked as the other stages do."""
     checkpoints: bool = False
     """Writes checkpoints (``CHECKPOINT_FILE`` in its folder) that a retry of the step resumes from."""
+    parallel: bool = False
+    """Trains data-parallel when launched as several processes (``torchrun``, ``accelerate
+    launch``): a step on several GPUs runs one process per GPU. Other stages refuse to."""
     collect: Callable[[RunConfig, Path, StageContext], dict[str, Any]] | None = None
     """Reads the feedback inbox: this runs first, bringing new exports in, and the inbox's
     content hash becomes one of the step's inputs (new feedback re-runs it, none skips it)."""
@@ -599,7 +605,7 @@ STAGES: dict[str, Stage] = {
         Stage("invert", stage_invert, ("generate", "reward"), gpu=True, timeout_hours=2, progress=True,
               command=("invert",), needed=lambda cfg: cfg.distill.use_token),
         Stage("distill", stage_distill, ("invert",), gpu=True, timeout_hours=6, progress=True, command=("distill",),
-              checkpoints=True),
+              checkpoints=True, parallel=True),
         Stage("evaluate", stage_evaluate, ("generate", "distill"), gpu=True, timeout_hours=2, progress=False,
               command=("evaluate",)),
         Stage("register", stage_register, ("evaluate", "distill"), gpu=False, timeout_hours=0.25, progress=False,
@@ -630,4 +636,4 @@ def upstream_closure(names: list[str] | tuple[str, ...]) -> list[str]:
 def stage_table() -> list[dict[str, Any]]:
     """The table as plain data (``dags/hfi_stages.json``): what the DAGs need, without importing this."""
     return [{"name": s.name, "upstream": list(s.upstream), "gpu": s.gpu, "timeout_hours": s.timeout_hours,
-             "progress": s.progress, "batch": s.batch} for s in STAGES.values()]  # fmt: skip
+             "progress": s.progress, "batch": s.batch, "parallel": s.parallel} for s in STAGES.values()]  # fmt: skip

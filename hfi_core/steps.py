@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,6 +79,47 @@ def _checkpoint_prefix(run_prefix: str, name: str) -> str:
     return _join(run_prefix, f".checkpoints/{name}")
 
 
+def _checkpoint_key(run_prefix: str, name: str, inputs: dict[str, str]) -> str:
+    digest = hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]
+    return f"{_checkpoint_prefix(run_prefix, name)}/{digest}.pt"
+
+
+def process_group() -> tuple[int, int]:
+    """``(rank, world)`` of the process group a launcher set up (torchrun, accelerate launch);
+    ``(0, 1)`` without one. Read without importing torch: a group exists only once it has."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _run_replica(st: Any, cfg: RunConfig, store: Store, run_prefix: str, scratch: Path, rank: int,
+                 resume: bool) -> dict[str, Any]:  # fmt: skip
+    """Process ``rank`` > 0 of a data-parallel step. It reads the same inputs and takes the same
+    decisions as process 0 (skip, resume from the same checkpoint), and trains in step with it,
+    in a folder of its own. Process 0 alone writes outputs and checkpoints, tracks and commits."""
+    inputs = step_inputs(st.name, cfg, store, run_prefix)
+    marker = store.success(_join(run_prefix, st.name))
+    if (marker is not None and marker["inputs"] == inputs) or not st.needed(cfg):
+        return {"skipped": True, "reason": "process 0 skips it too", "stage": st.name, "replica": rank}
+    own = Path(scratch) / f".replica-{rank}"  # a dot-folder: never an output
+    shutil.rmtree(own, ignore_errors=True)
+    _pull_upstream(st, store, run_prefix, own)
+    ctx = StageContext.on(store, cfg, resume=resume)
+    if st.checkpoints:
+        mine, ckpt = own / st.name / CHECKPOINT_FILE, _checkpoint_key(run_prefix, st.name, inputs)
+        mine.parent.mkdir(parents=True, exist_ok=True)
+        if resume and (Path(scratch) / st.name / CHECKPOINT_FILE).exists():  # hfi distill --resume, one folder
+            shutil.copyfile(Path(scratch) / st.name / CHECKPOINT_FILE, mine)
+        elif not resume and store.exists(ckpt):  # as process 0 finds it
+            store.download_file(ckpt, mine)
+            ctx.resume = True
+    try:
+        return {**st.run(cfg, own, ctx), "stage": st.name}
+    finally:
+        shutil.rmtree(own, ignore_errors=True)
+
+
 def _pull_upstream(st: Any, store: Store, run_prefix: str, scratch: Path) -> None:
     for dep in st.upstream:
         if not (scratch / dep).exists():
@@ -107,6 +149,12 @@ def run_step(
     st = stage(name)
     if run_prefix.split("/")[-1] in RESERVED:
         raise ValueError(f"run name {run_prefix!r}: {RESERVED} are the store's own folders, not nights")
+    rank, world = process_group()
+    if world > 1 and not st.parallel:
+        parallel = [s.name for s in STAGES.values() if s.parallel]
+        raise ValueError(f"step {name}: launched as {world} processes, but only {parallel} train data-parallel")
+    if rank > 0:
+        return _run_replica(st, cfg, store, run_prefix, Path(scratch), rank, resume)
     prefix = _join(run_prefix, name)
     scratch = Path(scratch)
     ctx = StageContext.on(store, cfg, show_progress=show_progress and st.progress, resume=resume,
@@ -131,7 +179,7 @@ def run_step(
     checkpoints = _checkpoint_prefix(run_prefix, name)
     if st.checkpoints:
         # ...but for the last checkpoint an earlier attempt with the same inputs kept in the store.
-        ckpt = f"{checkpoints}/{hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()[:16]}.pt"
+        ckpt = _checkpoint_key(run_prefix, name, inputs)
         if not resume and store.exists(ckpt):
             store.download_file(ckpt, scratch / name / CHECKPOINT_FILE)
             ctx.resume = True

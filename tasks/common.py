@@ -40,12 +40,21 @@ def env_number(var: str, kind: type[int] | type[float]) -> int | float | None:
 
 
 def setup_runtime(args: argparse.Namespace, stage: str | None = None) -> None:
-    """Threads, and quiet third-party progress bars (ours stay)."""
+    """Threads, quiet third-party progress bars (ours stay) and, under a launcher that started
+    several processes (``torchrun``, ``accelerate launch``: ``$WORLD_SIZE`` > 1), the process
+    group a data-parallel stage trains in, through accelerate (NCCL on GPUs, one GPU each; gloo
+    on CPUs)."""
     import torch
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
 
     torch.set_num_threads(threads_for(args, stage))
+    if (env_number("WORLD_SIZE", int) or 1) > 1:
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())
+        if state.device.type == "cuda":
+            torch.cuda.set_device(state.device)  # "cuda" in a config is then this process's GPU
     tlogging.set_verbosity_error()
     tlogging.disable_progress_bar()
     dlogging.set_verbosity_error()

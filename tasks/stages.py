@@ -35,7 +35,9 @@ def register(group: Callable[[str, str], argparse._SubParsersAction], top: argpa
         doc = (st.run.__doc__ or st.name).strip().splitlines()[0]
         p = sub.add_parser(leaf, help=doc, description=doc)
         add_config_args(p)
-        p.add_argument("--run", type=Path, required=True, help="run folder (one sub-folder per stage)")
+        # --run-dir too: torchrun reads a bare --run after its script as its own (--run-path).
+        p.add_argument("--run", "--run-dir", dest="run", type=Path, required=True,
+                       help="run folder (one sub-folder per stage)")  # fmt: skip
         p.add_argument("--resume", action="store_true",
                        help="keep what an interrupted run left (generate's journal, distill's checkpoint)")  # fmt: skip
         if extra := EXTRA_ARGS.get(st.command):

@@ -274,6 +274,17 @@ class Replicas:
             return Replicas(dist.get_rank(), dist.get_world_size())
         return Replicas()
 
+    def agree(self, value: int, what: str) -> None:
+        """Raise unless every process holds the same ``value`` (a mismatch would hang the run)."""
+        if self.world == 1:
+            return
+        import torch.distributed as dist
+
+        both = torch.tensor([value, -value], dtype=torch.float64)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX)  # (max, -min)
+        if both[0] != -both[1]:
+            raise RuntimeError(f"data-parallel processes disagree on {what}: {int(-both[1])}..{int(both[0])}")
+
     def average(self, tensors: list[torch.Tensor]) -> None:
         """Replace each tensor by its mean over the processes, in place (one flat all-reduce)."""
         if self.world == 1 or not tensors:

@@ -88,6 +88,7 @@ def train_sdd(
         ema.load({n: params[f"teacher.{n}"] for n in names})
 
     losses, rollouts = [], Rollouts(s, cfg)
+    s.replicas.agree(start, "the step to start from (every process must resume from the same checkpoint)")
     if start and s.replicas.world > 1:  # the checkpoint holds process 0's noise: each process re-seeds its own
         s.gen.manual_seed(cfg.seed + RANK_SEED * s.replicas.rank + start)
     for step in tqdm(range(start, cfg.steps), desc="sdd", initial=start, total=cfg.steps, disable=not show_progress):

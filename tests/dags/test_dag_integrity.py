@@ -169,6 +169,7 @@ for stage in hfi_steps.STAGES:
         info["gpu"] = (res.limits or {}).get("nvidia.com/gpu") if res else None
         info["tolerations"] = len(op.tolerations or [])
         info["node_selector"] = op.node_selector or {}
+        info["cmds"], info["arguments"] = op.cmds, op.arguments
     out[stage] = info
 print(json.dumps(out))
 """
@@ -195,13 +196,20 @@ def test_one_setting_switches_steps_to_docker_or_kubernetes_with_gpus_only_where
     assert secret["command"][-2:] == ["--env-file", "/run/secrets/hfi-env"] and secret["entrypoint"] is None
     assert secret["mounts"] == ["/run/secrets/hfi-env"]
     assert _operators("docker", "none")["distill"]["gpu"] == []
-    assert _operators("docker", "2")["distill"]["gpu"] == [2]
+    two = _operators("docker", "2")
+    assert two["distill"]["gpu"] == [2] and two["generate"]["gpu"] == [2]
+    # distill trains data-parallel, one process per GPU; the other stages stay one process
+    assert two["distill"]["entrypoint"] == ["torchrun"]
+    assert two["distill"]["command"][:6] == ["--standalone", "--nproc_per_node", "2", "--no-python", "hfi", "step"]
+    assert two["generate"]["entrypoint"] is None and two["generate"]["command"][:2] == ["step", "generate"]
 
     pods = _operators("kubernetes", "all")
     assert {v["class"] for v in pods.values()} == {"KubernetesPodOperator"}
     assert pods["distill"]["gpu"] == "1" and pods["distill"]["tolerations"] == 1
     assert pods["distill"]["node_selector"] == {"nvidia.com/gpu.present": "true"}
     assert pods["reward"]["gpu"] is None and pods["reward"]["tolerations"] == 0
+    four = _operators("kubernetes", "4")["distill"]
+    assert four["gpu"] == "4" and four["cmds"] == ["torchrun"] and four["arguments"][2:5] == ["4", "--no-python", "hfi"]
 
 
 def test_bad_input_fails_the_task_at_once_and_other_failures_are_retried():

@@ -62,3 +62,27 @@ def test_the_saved_teacher_loads(runs):
     root, _, _ = runs
     unet = UNet2DConditionModel.from_pretrained(root / "two" / "teacher", use_safetensors=True)
     assert unet.config.cross_attention_dim == 64
+
+
+def test_hfi_distill_as_a_two_process_step_commits_once_from_process_0(tmp_path, world, small_config):
+    from diffusers import UNet2DConditionModel
+
+    from tasks.cli import main as hfi
+
+    cfg = small_config(tmp_path / "small.yaml")
+    run = tmp_path / "night"
+    for command in (["generate"], ["feedback", "ingest"], ["reward", "train"], ["invert"]):
+        assert hfi([*command, "--config", str(cfg), "--run", str(run)]) == 0
+    _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+             "tasks.cli", "distill", "--config", str(cfg), "--run-dir", str(run), "--set", "distill.batch_size=2"])  # fmt: skip
+    marker = json.loads((run / "distill" / "_SUCCESS").read_text())
+    assert "unet/diffusion_pytorch_model.safetensors" in marker["outputs"]
+    assert not list(run.glob(".replica-*"))  # process 1 trained in a folder of its own, then removed it
+    metrics = json.loads((run / "distill" / "metrics.json").read_text())
+    assert metrics["steps_run"] == 6 and "replica" not in metrics
+    UNet2DConditionModel.from_pretrained(run / "distill" / "unet", use_safetensors=True)
+    # Only distill trains data-parallel: another stage launched as 2 processes is refused, in one line.
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "tasks.cli", "evaluate", "--config", str(cfg), "--run-dir", str(run)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert done.returncode != 0 and "launched as 2 processes, but only ['distill'] train data-parallel" in done.stderr
