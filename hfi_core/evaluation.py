@@ -61,13 +61,19 @@ WEIGHT_SUFFIXES = (".safetensors", ".bin", ".onnx")
 
 def weights_sha256(spec: str | Path, revision: str | None = None) -> str:
     """sha256 over a model's weight files, for evaluator identity: numbers measured by different
-    weights do not compare.
+    weights do not compare (``weights_identity`` adds the snapshot's revision)."""
+    return weights_identity(spec, revision)["weights_sha256"]
 
-    ``spec`` is a folder, ``toyworld:<part>`` or a hub id, which names the files of its snapshot
-    in the local hub cache (``revision``, default ``main``); nothing is downloaded. Files are
-    read once per process while their size and time stay the same (every variant of an
-    evaluation asks again)."""
-    path = Path(locate(str(spec)))
+
+def weights_identity(spec: str | Path, revision: str | None = None) -> dict[str, Any]:
+    """``{"weights_sha256", "revision"}`` of a model, for evaluator identity.
+
+    ``spec`` is a folder, ``toyworld:<part>``, ``sd14:<part>`` or a hub id, which names the files
+    of its snapshot in the local hub cache (``revision``, default ``main``) and the commit that
+    snapshot is (``revision`` is ``None`` for folders); nothing is downloaded. Files are read
+    once per process while their size and time stay the same (every variant of an evaluation
+    asks again)."""
+    path, commit = Path(locate(str(spec))), None
     if not path.exists():
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError
@@ -76,10 +82,12 @@ def weights_sha256(spec: str | Path, revision: str | None = None) -> str:
             path = Path(snapshot_download(str(spec), revision=revision, local_files_only=True))
         except (LocalEntryNotFoundError, ValueError) as e:
             raise ValueError(f"{spec}: neither a folder nor a model in the local hub cache ({str(e)[:120]})") from None
+        commit = path.name  # the hub cache names a snapshot folder by its commit
     files = sorted(p for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES and p.is_file())
     if not files:
         raise ValueError(f"{path}: no weight files ({', '.join(WEIGHT_SUFFIXES)}) to name the evaluator by")
-    return _hash_files(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    digest = _hash_files(tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files))
+    return {"weights_sha256": digest, "revision": commit}
 
 
 @functools.lru_cache(maxsize=32)
@@ -196,7 +204,7 @@ def evaluate(
     evaluators: dict[str, Any] = {
         "clip": {
             "path": ec.clip,
-            "weights_sha256": weights_sha256(ec.clip),
+            **weights_identity(ec.clip),
             "concept_texts": cfg.concept.clip_texts,
             "neutral_texts": cfg.concept.neutral_texts,
         },
@@ -205,7 +213,7 @@ def evaluate(
     if nude is not None:
         evaluators["nudenet"] = detector.identity()
     if ec.oracle:
-        evaluators["oracle"] = {"path": ec.oracle, "weights_sha256": weights_sha256(ec.oracle)}
+        evaluators["oracle"] = {"path": ec.oracle, **weights_identity(ec.oracle)}
     metrics = {
         "variant": asdict(variant),
         "groups": groups,

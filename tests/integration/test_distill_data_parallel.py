@@ -1,4 +1,4 @@
-"""SDD data-parallel over 2 CPU processes (gloo, set up by accelerate) on the committed toy world, against
+"""SDD data-parallel under ``accelerate launch`` with 2 CPU processes (gloo) on the committed toy world, against
 the one-process run: the same number of rollouts, a loss curve within noise, one EMA teacher
 on every process, and a saved UNet that loads."""
 
@@ -26,10 +26,10 @@ def _launch(argv: list[str]) -> None:
 def runs(tmp_path_factory, world):
     root = tmp_path_factory.mktemp("dp")
     _launch([sys.executable, str(WORKER), str(root / "one")])
-    # torchrun, which `accelerate launch --multi_gpu` runs on a GPU node; on CPUs accelerate's own
-    # launcher wants mpirun. accelerate's PartialState in the worker sets up the gloo group.
-    _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-             str(WORKER), str(root / "two")])  # fmt: skip
+    # accelerate's launcher as on a GPU node; PartialState(cpu=True) in the worker sets up gloo.
+    _launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+             "--main_process_port", "29517", str(WORKER), str(root / "two")])  # fmt: skip
     one = json.loads((root / "one" / "rank0.json").read_text())
     two = [json.loads((root / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
     return root, one, two
@@ -65,6 +65,7 @@ def test_the_saved_teacher_loads(runs):
 
 
 def test_hfi_distill_as_a_two_process_step_commits_once_from_process_0(tmp_path, world, small_config):
+    """The step as the DAGs launch it on a node of several GPUs (torchrun), here on 2 CPUs."""
     from diffusers import UNet2DConditionModel
 
     from tasks.cli import main as hfi

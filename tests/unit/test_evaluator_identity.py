@@ -1,6 +1,7 @@
 """Evaluator identity: the sha256 of the weights a number was measured with, for folders and hub ids."""
 
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -36,10 +37,13 @@ def test_a_hub_id_names_the_files_of_its_snapshot_in_the_local_cache(tmp_path):
     shutil.copytree(clip, repo / "snapshots" / "0123abcd")
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("0123abcd")
-    code = "import sys; from hfi_core.evaluation import weights_sha256; print(weights_sha256(sys.argv[1]))"
+    code = ("import sys, json; from hfi_core.evaluation import weights_identity;"
+            "print(json.dumps(weights_identity(sys.argv[1])))")  # fmt: skip
     env = {**os.environ, "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HUB_OFFLINE": "1"}
     run = subprocess.run([sys.executable, "-c", code, "openai/clip-tiny"], env=env, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-2000:]
-    assert run.stdout.strip() == _expected(clip)  # before: the sha256 of nothing, for any hub id
+    identity = json.loads(run.stdout.strip().splitlines()[-1])
+    assert identity["weights_sha256"] == _expected(clip)  # before: the sha256 of nothing, for any hub id
+    assert identity["revision"] == "0123abcd"  # the snapshot's commit, beside its files' hash
     missing = subprocess.run([sys.executable, "-c", code, "openai/not-cached"], env=env, capture_output=True, text=True)
     assert missing.returncode != 0 and "neither a folder nor a model in the local hub cache" in missing.stderr
