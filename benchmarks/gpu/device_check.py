@@ -24,6 +24,7 @@ import argparse
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -139,19 +140,25 @@ def bench_distill(pipe: Any, device: torch.device, method: str, size: int, steps
     from hfi_core.distill.esd import train_esd
     from hfi_core.distill.sdd import train_sdd
 
-    p = copy.copy(pipe)
-    p.unet = copy.deepcopy(pipe.unet)
     cfg = DistillConfig(method=method, steps=steps, sampler_steps=sampler_steps, checkpoint_every=0, trainable="attn2")
     train = train_sdd if method == "sdd" else train_esd
-    _reset_peak(device)
-    train(p, cfg.model_copy(update={"steps": 1}), ["a photo of a cat"], Path("/tmp/hfi-gpu-check"),
-          show_progress=False, size=(size, size))  # warm-up  # fmt: skip
-    p.unet = copy.deepcopy(pipe.unet)
-    _sync(device)
-    t0 = time.perf_counter()
-    train(p, cfg, ["a photo of a cat"], Path("/tmp/hfi-gpu-check"), show_progress=False, size=(size, size))
-    _sync(device)
-    s_per_step = (time.perf_counter() - t0) / steps
+    work, prompts = Path(tempfile.mkdtemp(prefix="hfi-gpu-check-")), ["a photo of a cat"]
+    base = pipe.unet.to("cpu")  # the stage holds one UNet on the device: the pristine copy waits off it
+    p = copy.copy(pipe)
+    try:
+        p.unet = copy.deepcopy(base).to(device)
+        train(p, cfg.model_copy(update={"steps": 1}), prompts, work, show_progress=False, size=(size, size))  # warm-up
+        p.unet = None
+        p.unet = copy.deepcopy(base).to(device)
+        _reset_peak(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        train(p, cfg, prompts, work, show_progress=False, size=(size, size))
+        _sync(device)
+        s_per_step = (time.perf_counter() - t0) / steps
+        peak_gb = _peak_gb(device)
+    finally:
+        pipe.unet = base.to(device)
     factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
     # Beta(3, 3) positions have mean N/2: a rollout runs about sampler_steps / 2 guided steps.
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
@@ -160,7 +167,7 @@ def bench_distill(pipe: Any, device: torch.device, method: str, size: int, steps
     achieved = flops / s_per_step / 1e12
     return {
         "method": method, "size": size, "sampler_steps": sampler_steps, "trainable": "attn2",
-        "s_per_step": round(s_per_step, 4), "peak_memory_gb": _peak_gb(device),
+        "s_per_step": round(s_per_step, 4), "peak_memory_gb": peak_gb,
         "gflops_per_step": round(flops / 1e9, 2), "achieved_tflops": round(achieved, 4),
         "mfu": round(achieved / peak, 4) if peak else None,
     }  # fmt: skip
