@@ -39,7 +39,7 @@ demo: $(STAMP)
 
 ## test: the whole test suite, two workers (one per core; each test module stays on one worker)
 test: $(STAMP) $(LS_STAMP) system
-	$(PY) -m pytest -q -rs -n 2 --dist loadfile tests
+	$(PY) -m pytest -q -rs -n 2 --dist loadfile --durations=12 tests
 
 # Debian packages the end-to-end tests need: a Docker engine and debootstrap (the local base
 # image), Chromium (the MLflow UI check). Installed when missing and when we may; otherwise those
