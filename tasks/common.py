@@ -49,16 +49,31 @@ def setup_runtime(args: argparse.Namespace, stage: str | None = None) -> None:
     from transformers.utils import logging as tlogging
 
     torch.set_num_threads(threads_for(args, stage))
-    if (env_number("WORLD_SIZE", int) or 1) > 1:
-        from accelerate import PartialState
-
-        state = PartialState(cpu=not torch.cuda.is_available())
-        if state.device.type == "cuda":
-            torch.cuda.set_device(state.device)  # "cuda" in a config is then this process's GPU
+    join_process_group()
     tlogging.set_verbosity_error()
     tlogging.disable_progress_bar()
     dlogging.set_verbosity_error()
     dlogging.disable_progress_bar()
+
+
+def join_process_group() -> None:
+    """Under a launcher that started several processes (``$WORLD_SIZE`` > 1), join their group
+    through accelerate: NCCL on GPUs (one per process: a config's ``cuda`` is then this
+    process's), gloo on CPUs. ``$HFI_DIST_INIT_METHOD`` (``file:///shared/path``) meets the
+    others through a file instead of the launcher's TCP store, which listens on every interface."""
+    if (env_number("WORLD_SIZE", int) or 1) <= 1:
+        return
+    import torch
+    import torch.distributed as dist
+    from accelerate import PartialState
+
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    if (method := os.environ.get("HFI_DIST_INIT_METHOD")) and not dist.is_initialized():
+        dist.init_process_group("nccl" if cuda else "gloo", init_method=method, rank=int(env_number("RANK", int) or 0),
+                                world_size=int(env_number("WORLD_SIZE", int) or 1))  # fmt: skip
+    PartialState(cpu=not cuda)
 
 
 def add_config_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:

@@ -1,6 +1,5 @@
-"""One process of a data-parallel SDD run on the committed toy world (``torchrun`` or
-``accelerate launch`` starts N of these; ``python distill_replica.py OUT`` runs the one-process
-reference).
+"""One process of a data-parallel SDD run on the committed toy world (a launcher starts N of
+these; ``python distill_replica.py OUT`` alone is the one-process reference).
 
 Writes ``OUT/rank<r>.json``: the per-step losses, how many trajectories this process rolled out,
 and a checksum of its EMA teacher; process 0 also saves the teacher with ``save_pretrained``."""
@@ -21,7 +20,9 @@ from hfi_core.models import load_sd_pipeline
 def main(out: Path) -> None:
     from accelerate import PartialState
 
-    # Under a launcher: the process group (gloo on CPUs, NCCL on GPUs); else one process.
+    from tasks.common import join_process_group
+
+    join_process_group()  # as every hfi command does: the launcher's group, through accelerate
     state = PartialState(cpu=not torch.cuda.is_available())
     torch.set_num_threads(1)
     rolled = []

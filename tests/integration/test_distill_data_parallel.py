@@ -1,4 +1,4 @@
-"""SDD data-parallel under ``accelerate launch`` with 2 CPU processes (gloo) on the committed toy world, against
+"""SDD data-parallel over 2 CPU processes (gloo, through accelerate) on the committed toy world, against
 the one-process run: the same number of rollouts, a loss curve within noise, one EMA teacher
 on every process, and a saved UNet that loads."""
 
@@ -16,20 +16,28 @@ WORKER = Path(__file__).with_name("distill_replica.py")
 ROOT = Path(__file__).parents[2]
 
 
-def _launch(argv: list[str]) -> None:
-    done = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
+def _processes(argv: list[str], n: int, rendezvous: Path, ok: bool = True) -> list[str]:
+    """``n`` processes of ``python argv``, with the environment a launcher gives each (RANK,
+    WORLD_SIZE, LOCAL_RANK), meeting through a file: torchrun's and accelerate launch's TCP store
+    listens on every interface, and tests listen on 127.0.0.1 only (gloo too: ``lo``). Returns
+    each process's stderr."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    group = {"WORLD_SIZE": str(n), "LOCAL_WORLD_SIZE": str(n), "HFI_DIST_INIT_METHOD": rendezvous.as_uri(),
+             "GLOO_SOCKET_IFNAME": "lo"}  # fmt: skip
+    envs = [{**env, **group, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(n)] if n > 1 else [env]
+    procs = [subprocess.Popen([sys.executable, *argv], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              text=True, env=e) for e in envs]  # fmt: skip
+    errors = [p.communicate(timeout=900)[1] for p in procs]
+    for p, err in zip(procs, errors, strict=True):
+        assert (p.returncode == 0) == ok, err[-3000:]
+    return errors
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, world):
     root = tmp_path_factory.mktemp("dp")
-    _launch([sys.executable, str(WORKER), str(root / "one")])
-    # accelerate's launcher as on a GPU node; PartialState(cpu=True) in the worker sets up gloo.
-    _launch([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-             "--main_process_port", "29517", str(WORKER), str(root / "two")])  # fmt: skip
+    _processes([str(WORKER), str(root / "one")], 1, root / "rendezvous-1")
+    _processes([str(WORKER), str(root / "two")], 2, root / "rendezvous-2")
     one = json.loads((root / "one" / "rank0.json").read_text())
     two = [json.loads((root / "two" / f"rank{r}.json").read_text()) for r in (0, 1)]
     return root, one, two
@@ -65,7 +73,7 @@ def test_the_saved_teacher_loads(runs):
 
 
 def test_hfi_distill_as_a_two_process_step_commits_once_from_process_0(tmp_path, world, small_config):
-    """The step as the DAGs launch it on a node of several GPUs (torchrun), here on 2 CPUs."""
+    """The step as the DAGs launch it on a node of several GPUs (one process per GPU), on 2 CPUs."""
     from diffusers import UNet2DConditionModel
 
     from tasks.cli import main as hfi
@@ -74,8 +82,8 @@ def test_hfi_distill_as_a_two_process_step_commits_once_from_process_0(tmp_path,
     run = tmp_path / "night"
     for command in (["generate"], ["feedback", "ingest"], ["reward", "train"], ["invert"]):
         assert hfi([*command, "--config", str(cfg), "--run", str(run)]) == 0
-    _launch([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-             "tasks.cli", "distill", "--config", str(cfg), "--run-dir", str(run), "--set", "distill.batch_size=2"])  # fmt: skip
+    _processes(["-m", "tasks.cli", "distill", "--config", str(cfg), "--run-dir", str(run), "--set",
+                "distill.batch_size=2"], 2, tmp_path / "rendezvous")  # fmt: skip
     marker = json.loads((run / "distill" / "_SUCCESS").read_text())
     assert "unet/diffusion_pytorch_model.safetensors" in marker["outputs"]
     assert not list(run.glob(".replica-*"))  # process 1 trained in a folder of its own, then removed it
@@ -83,7 +91,6 @@ def test_hfi_distill_as_a_two_process_step_commits_once_from_process_0(tmp_path,
     assert metrics["steps_run"] == 6 and "replica" not in metrics
     UNet2DConditionModel.from_pretrained(run / "distill" / "unet", use_safetensors=True)
     # Only distill trains data-parallel: another stage launched as 2 processes is refused, in one line.
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "tasks.cli", "evaluate", "--config", str(cfg), "--run-dir", str(run)], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-    assert done.returncode != 0 and "launched as 2 processes, but only ['distill'] train data-parallel" in done.stderr
+    errors = _processes(["-m", "tasks.cli", "evaluate", "--config", str(cfg), "--run-dir", str(run)], 2,
+                        tmp_path / "rendezvous-evaluate", ok=False)  # fmt: skip
+    assert all("launched as 2 processes, but only ['distill'] train data-parallel" in e for e in errors)
