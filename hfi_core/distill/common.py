@@ -188,12 +188,9 @@ class Weights:
 
     @contextlib.contextmanager
     def applied(self) -> Iterator[None]:
-        """The module computes with these values inside the block, with its own outside. No
-        graph may be pending on the module's parameters across the block (call it before the
-        forward that is trained)."""
-        if self._swapped:  # re-entered: already in place
-            yield
-            return
+        """The module computes with these values inside the block, with its own outside. A graph
+        built before the block stays valid: backward runs after it, on the module's own values."""
+        assert not self._swapped, "Weights.applied is not re-entrant"
         self._swap()
         try:
             yield
@@ -207,8 +204,8 @@ class Weights:
         self._swapped = not self._swapped
 
     def state(self) -> dict[str, torch.Tensor]:
-        return {n: (p.detach() if self._swapped else v).clone() for n, p, v in zip(self.names, self.params, self.values,
-                                                                                 strict=True)}  # fmt: skip
+        assert not self._swapped, "Weights.state inside applied()"
+        return {n: v.clone() for n, v in zip(self.names, self.values, strict=True)}
 
     def load(self, state: dict[str, torch.Tensor]) -> None:
         with torch.no_grad():
