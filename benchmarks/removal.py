@@ -1,22 +1,28 @@
 """``hfi bench removal``: the paper's comparison on the toy world, through the pipeline's own code.
 
-One upstream run (the stages the HFI token needs: generate, simulated feedback, reward model,
-token), then
+For each of ``seeds`` (independent replicates: generation, simulated annotators, reward model,
+token and training all reseeded), one upstream run (the stages the HFI token needs: generate,
+simulated feedback, reward model, token), a second token from ranking feedback on the same
+images, then
 
     sd, negative prompt, SLD medium/max          inference-time, nothing trains
-    ESD-x and SDD on the text concept             ``distill.use_token: false``
-    HFI+ESD-x and HFI+SDD                         the same trainings on the HFI token
+    ESD-x, SDD and UCE on the text concept       ``distill.use_token: false``
+    HFI+ESD-x, HFI+SDD and HFI+UCE               the same methods on the HFI token
+    HFI+SDD (ranking)                            SDD on the token from ranked feedback
 
-each evaluated by ``evaluation.evaluate`` on the same evaluation seeds, which are never the
-validation seeds the hyperparameters were chosen on (both are recorded). Methods of one family
-(ESD-x / HFI+ESD-x, SDD / HFI+SDD) share one ``DistillConfig``: only the prompts differ.
+each evaluated by ``evaluation.evaluate`` on **held-out prompts** (``evaluation_prompts``: colour
+and shape combinations that no feedback, token, anchor or tuning run used) and held-out seeds,
+which are never the validation seeds the hyperparameters were chosen on (both are recorded).
+Methods of one family (ESD-x / HFI+ESD-x, SDD / HFI+SDD, UCE / HFI+UCE) share one
+``DistillConfig``: only the prompts differ. Each cell of the report gives the mean over seeds,
+the min and max, and a 95% Wilson interval on the images pooled over seeds.
 
 The upstream stages and every training run as the pipeline's steps do (``steps.run_step``): a
 training is the ``distill`` step of a method's own run folder, whose upstream stages are the
-shared upstream run's. So there is one resume rule, the ``_SUCCESS`` markers' input hashes:
+replicate's upstream run's. So there is one resume rule, the ``_SUCCESS`` markers' input hashes:
 ``--resume`` reuses exactly the steps whose config and inputs did not change.
 
-The upstream run, trainings and evaluations run in a pool of ``jobs`` processes, one torch
+The upstream runs, trainings and evaluations run in a pool of ``jobs`` processes, one torch
 thread each, a fresh process per task so that its peak memory is its own; the inference-time
 methods are evaluated while the upstream run makes the token.
 """
@@ -26,8 +32,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -37,12 +45,14 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field, model_validator
 
-from hfi_core.config import DistillConfig, RunConfig, Section, load_config, load_yaml_file, parse
+from hfi_core.config import DistillConfig, PromptSet, RunConfig, Section, load_config, load_yaml_file, parse
+from hfi_core.metrics import wilson_interval
 from hfi_core.stages import STAGES, upstream_closure
 
-Family = Literal["sdd", "esd"]
+Family = Literal["sdd", "esd", "uce"]
 TRAINING = "distill"  # the stage a method trains in
 UPSTREAM = tuple(upstream_closure(STAGES[TRAINING].upstream))  # the stages every method shares
+FEEDBACK_STAGES = ("feedback", "reward", "invert")  # what a second feedback kind redoes on the same images
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,8 @@ class Method:
     """Train on the HFI token (True) or on the text concept (False)."""
     inference: str = "none"
     """``evaluation.Variant.inference``: none, negative_prompt, sld-medium, sld-max..."""
+    feedback: Literal["binary", "ranking"] = "binary"
+    """Which feedback the token comes from (HFI methods only)."""
 
 
 METHODS = (
@@ -65,8 +77,11 @@ METHODS = (
     Method("sld-max", inference="sld-max"),
     Method("esd-x", family="esd"),
     Method("sdd", family="sdd"),
+    Method("uce", family="uce"),
     Method("hfi+esd-x", family="esd", token=True),
     Method("hfi+sdd", family="sdd", token=True),
+    Method("hfi+uce", family="uce", token=True),
+    Method("hfi+sdd (ranking)", family="sdd", token=True, feedback="ranking"),
 )
 
 
@@ -81,34 +96,48 @@ class QuickConfig(Section):
     """Token training steps."""
     distill_steps: int = Field(150, ge=1)
     """Training steps of every removal method."""
+    seeds: int = Field(1, ge=1)
+    """How many of ``seeds`` run (the first ones)."""
 
 
 class BenchConfig(Section):
     """``benchmarks/removal.yaml``: the comparison's settings, validated on load."""
 
     config: str
-    """The run config (prompts, world, feedback, reward, token, evaluators), relative to this file."""
+    """The run config (upstream prompts, world, feedback, reward, token, evaluators), relative to this file."""
     text_concept: str
     """The concept in words, for the text-only methods: negative prompt and SLD's safety concept."""
     sdd: DistillConfig
     """Hyperparameters of SDD and HFI+SDD (``use_token`` is set per method)."""
     esd: DistillConfig
     """Hyperparameters of ESD-x and HFI+ESD-x."""
+    uce: DistillConfig
+    """Hyperparameters of UCE and HFI+UCE."""
+    ranking: dict[str, Any] = {"feedback": {"kind": "ranking"}}
+    """Run-config sections overridden for the token from ranking feedback (validated on load)."""
+    evaluation_prompts: list[PromptSet]
+    """The held-out prompt groups every method is measured on: none of them may appear in the run
+    config's prompts (feedback and token) or in any family's concept, text or preserve prompts."""
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    """Independent replicates of the whole chain; replicate ``i`` seeds generation, annotators,
+    reward, token and training with ``seeds[i]`` and evaluates on seeds from ``eval_seed + i * 100000``."""
     eval_seed: int = Field(3_000_000, ge=0)
-    """First evaluation seed; every method draws the same seeds."""
+    """First evaluation seed; every method of a replicate draws the same seeds."""
     validation_seed: int = Field(2_000_000, ge=0)
     """First seed of the validation set the hyperparameters were chosen on (recorded, never evaluated here)."""
     n_per_group: int = Field(128, ge=1)
-    """Evaluation images per prompt group, at least (rounded up to whole prompts)."""
+    """Evaluation images per prompt group and replicate, at least (rounded up to whole prompts)."""
     quick: QuickConfig = QuickConfig()
     """Settings of ``--quick``."""
 
     @model_validator(mode="after")
     def _check(self) -> BenchConfig:
-        if self.eval_seed == self.validation_seed:
+        if abs(self.eval_seed - self.validation_seed) < 100_000 * len(self.seeds):
             raise ValueError("eval_seed: must differ from validation_seed (no tuning on the evaluation seeds)")
-        if self.sdd.method != "sdd" or self.esd.method != "esd":
-            raise ValueError("sdd.method / esd.method: the families are 'sdd' and 'esd'")
+        if self.sdd.method != "sdd" or self.esd.method != "esd" or self.uce.method != "uce":
+            raise ValueError("sdd.method / esd.method / uce.method: the families are 'sdd', 'esd' and 'uce'")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds: {self.seeds} repeats a seed; replicates must be independent")
         return self
 
 
@@ -116,7 +145,8 @@ def load_bench_config(path: str | Path) -> tuple[BenchConfig, RunConfig]:
     """Read ``benchmarks/removal.yaml`` and the run config it names.
 
     Raises:
-        ConfigError: naming the file and the key.
+        ConfigError: naming the file and the key, also when an evaluation prompt is one that
+            feedback, the token or a training saw.
     """
     from hfi_core.config import ConfigError
 
@@ -125,20 +155,58 @@ def load_bench_config(path: str | Path) -> tuple[BenchConfig, RunConfig]:
         bench = parse(BenchConfig, load_yaml_file(path))
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
-    return bench, load_config(path.parent / bench.config)
+    cfg = load_config(path.parent / bench.config)
+    seen = {p: f"{bench.config}: prompts ({ps.group})" for ps in cfg.prompts for p in ps.prompts}
+    for fam in ("sdd", "esd", "uce"):
+        dc: DistillConfig = getattr(bench, fam)
+        for key in ("concept_prompts", "text_prompts", "preserve_prompts"):
+            seen |= {p: f"{fam}.{key}" for p in getattr(dc, key)}
+    for i, ps in enumerate(bench.evaluation_prompts):
+        for p in ps.prompts:
+            if p in seen:
+                raise ConfigError(
+                    f"{path}: evaluation_prompts[{i}] ({ps.group}): {p!r} is also in {seen[p]}; "
+                    "evaluation prompts must be held out"
+                )
+    try:
+        ranking_config(cfg, bench)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: ranking: {e}") from None
+    return bench, cfg
 
 
-def per_prompt(cfg: RunConfig, n_per_group: int) -> int:
+def per_prompt(prompts: list[PromptSet], n_per_group: int) -> int:
     """Images per prompt so that every group gets at least ``n_per_group``."""
-    return max(math.ceil(n_per_group / len(ps.prompts)) for ps in cfg.prompts)
+    return max(math.ceil(n_per_group / len(ps.prompts)) for ps in prompts)
 
 
-def method_config(cfg: RunConfig, bench: BenchConfig, m: Method, quick: bool) -> RunConfig:
-    """The run config a method trains with: its family's hyperparameters, token or text."""
-    dc = (bench.sdd if m.family == "sdd" else bench.esd).model_copy(update={"use_token": m.token})
+def replicate_config(cfg: RunConfig, seed: int) -> RunConfig:
+    """The run config of one replicate: every seeded upstream stage draws from ``seed``."""
+    fb = cfg.feedback
+    return cfg.model_copy(update={
+        "generation": cfg.generation.model_copy(update={"seed": seed}),
+        "feedback": fb.model_copy(update={"simulate": fb.simulate.model_copy(update={"seed": seed})}),
+        "reward": cfg.reward.model_copy(update={"seed": seed}),
+        "invert": cfg.invert.model_copy(update={"seed": seed}),
+    })  # fmt: skip
+
+
+def ranking_config(cfg: RunConfig, bench: BenchConfig) -> RunConfig:
+    """The run config whose token comes from ranking feedback on the same images."""
+    data = cfg.model_dump(mode="json")
+    for section, values in bench.ranking.items():
+        data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
+    return parse(RunConfig, data)
+
+
+def method_config(cfg: RunConfig, bench: BenchConfig, m: Method, quick: bool, seed: int = 0) -> RunConfig:
+    """The run config a method trains with: its family's hyperparameters, token or text, the
+    replicate's seed."""
+    dc = getattr(bench, m.family or "sdd").model_copy(update={"use_token": m.token, "seed": seed})
     if quick:
         dc = dc.model_copy(update={"steps": bench.quick.distill_steps, "checkpoint_every": 0})
-    return cfg.model_copy(update={"distill": dc})
+    base = ranking_config(cfg, bench) if m.feedback == "ranking" else cfg
+    return base.model_copy(update={"distill": dc})
 
 
 def quick_config(cfg: RunConfig, bench: BenchConfig) -> RunConfig:
@@ -148,10 +216,10 @@ def quick_config(cfg: RunConfig, bench: BenchConfig) -> RunConfig:
     return cfg.model_copy(update={"prompts": prompts, "invert": invert})
 
 
-def eval_config(cfg: RunConfig, n_per_prompt: int, seed: int) -> RunConfig:
-    """The run config with the benchmark's evaluation plan."""
-    return cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={"n_per_prompt": n_per_prompt,
-                                                                               "seed": seed})})  # fmt: skip
+def eval_config(cfg: RunConfig, prompts: list[PromptSet], n_per_prompt: int, seed: int) -> RunConfig:
+    """The run config with the benchmark's evaluation plan: the held-out prompts and seeds."""
+    ev = cfg.evaluate.model_copy(update={"n_per_prompt": n_per_prompt, "seed": seed})
+    return cfg.model_copy(update={"prompts": prompts, "evaluate": ev})
 
 
 # ----------------------------------------------------------------------------- pool workers
@@ -164,6 +232,21 @@ def _upstream(cfg: RunConfig, run: Path, threads: int) -> dict[str, Any]:
 
     torch.set_num_threads(threads)
     return run_local(cfg, run, stages=UPSTREAM, show_progress=False)
+
+
+def _feedback_upstream(cfg: RunConfig, run: Path, threads: int) -> dict[str, Any]:
+    """Feedback, reward and token again on a run whose images are linked in (ranking feedback)."""
+    import torch
+
+    from hfi_core.steps import run_local_step
+
+    torch.set_num_threads(threads)
+    out: dict[str, Any] = {}
+    for stage in FEEDBACK_STAGES:
+        t0 = time.time()
+        out[stage] = run_local_step(stage, cfg, run, show_progress=False)
+        out[f"{stage}_seconds"] = round(time.time() - t0, 1)
+    return out
 
 
 def _train(cfg: RunConfig, run: Path, threads: int) -> dict[str, Any]:
@@ -191,19 +274,60 @@ def _evaluate(cfg: RunConfig, variant: Any, out: Path, threads: int) -> dict[str
     return metrics
 
 
-def method_run(out: Path, name: str, upstream: Path) -> Path:
-    """A method's run folder, ``methods/<name>/``: the shared upstream stages linked in, its own
-    training beside them."""
-    run = method_dir(out, name)
+def link_stages(run: Path, source: Path, stages: tuple[str, ...]) -> Path:
+    """``run`` with ``source``'s finished ``stages`` linked in (relative links: the folder can move)."""
     run.mkdir(parents=True, exist_ok=True)
-    for stage in UPSTREAM:
+    for stage in stages:
         link = run / stage
         if not link.exists():
-            link.symlink_to(os.path.relpath(upstream / stage, run))  # relative: the folder can move
+            link.symlink_to(os.path.relpath(source / stage, run))
     return run
 
 
+def method_dir(out: Path, name: str) -> Path:
+    """A method's folder under a replicate's output: ``methods/<name>/{distill,evaluate}``."""
+    return Path(out) / "methods" / re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
+
+
+def replicate_dir(out: Path, seed: int) -> Path:
+    """A replicate's folder: ``seed-<seed>/{run,ranking/run,methods}``."""
+    return Path(out) / f"seed-{seed}"
+
+
 # ----------------------------------------------------------------------------- the benchmark
+
+
+@dataclass
+class Task:
+    """One unit of pool work: run ``fn(*args)`` once every task of ``needs`` has finished."""
+
+    key: tuple
+    priority: int  # lower first: upstream runs, then trainings (longest first), then evaluations
+    fn: Callable[..., dict[str, Any]]
+    args: tuple
+    needs: tuple[tuple, ...] = ()
+
+
+def run_tasks(tasks: list[Task], jobs: int, on_done: Callable[[Task, dict[str, Any]], None]) -> None:
+    """Run ``tasks`` in a pool of ``jobs`` fresh processes, each as soon as its needs are met."""
+    ready = sorted(tasks, key=lambda t: t.priority)  # stable: the list's order within a priority
+    finished: set[tuple] = set()
+    ctx = get_context("spawn")  # fresh interpreters: no torch state shared with the parent
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
+        pending: dict[Future, Task] = {}
+        while ready or pending:
+            runnable = [t for t in ready if all(n in finished for n in t.needs)]
+            while runnable and len(pending) < jobs:
+                task = runnable.pop(0)
+                ready.remove(task)
+                pending[pool.submit(task.fn, *task.args)] = task
+            if not pending:
+                raise RuntimeError(f"bench: tasks wait for work that never runs: {[t.key for t in ready]}")
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                task = pending.pop(fut)
+                on_done(task, fut.result())
+                finished.add(task.key)
 
 
 def run_removal_bench(
@@ -219,12 +343,13 @@ def run_removal_bench(
     log: Any = print,
     provenance: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Run the comparison into ``out``: results.json, results.md, grid.png, one folder per method.
+    """Run the comparison into ``out``: results.json, results.md, grid.png, groups.png, and a
+    folder per replicate with one per method.
 
     Args:
         resume: keep what an earlier bench in ``out`` finished and reuse every step (upstream
             stage or training) whose ``_SUCCESS`` marker matches its config and inputs; without
-            it, the upstream run and the trainings start from scratch. Evaluations always run.
+            it, the upstream runs and the trainings start from scratch. Evaluations always run.
         tracker: a ``tracking.Tracker`` for a parent run and one child per method, or None.
         log: where progress lines go.
         provenance: how the run was made (command, commit), written into the results.
@@ -234,186 +359,293 @@ def run_removal_bench(
     from hfi_core.evaluation import Variant
 
     out = Path(out)
-    run = out / "run"
     t_start = time.time()
+    seeds = bench.seeds[: bench.quick.seeds] if quick else bench.seeds
     if not resume:
-        shutil.rmtree(run, ignore_errors=True)
-        shutil.rmtree(out / "methods", ignore_errors=True)
+        for old in out.glob("seed-*"):
+            shutil.rmtree(old, ignore_errors=True)
     if quick:
         cfg = quick_config(cfg, bench)
     n_group = bench.quick.n_per_group if quick else bench.n_per_group
-    n_prompt = per_prompt(cfg, n_group)
-    ecfg = eval_config(cfg, n_prompt, bench.eval_seed)
-    # The HFI methods need the token whatever the run config's own distill section says.
-    upstream_cfg = cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"use_token": True})})
-    upstream: dict[str, Any] = {}
+    n_prompt = per_prompt(bench.evaluation_prompts, n_group)
+    upstream: dict[int, dict[str, Any]] = {}
+    trained: dict[tuple[int, str], dict[str, Any]] = {}
+    evaluated: dict[tuple[int, str], dict[str, Any]] = {}
     reused: list[str] = []
 
-    def variant(m: Method) -> Variant:
-        unet = str(method_dir(out, m.name) / TRAINING / "unet") if m.family else None
-        return Variant(m.name, unet=unet, inference=m.inference, negative_prompt=bench.text_concept,  # type: ignore[arg-type]
-                       safety_concept=bench.text_concept)  # fmt: skip
+    tasks: list[Task] = []
+    for i, seed in enumerate(seeds):
+        rcfg = replicate_config(cfg, seed)
+        rdir = replicate_dir(out, seed)
+        # The HFI methods need the token whatever the run config's own distill section says.
+        up_cfg = rcfg.model_copy(update={"distill": rcfg.distill.model_copy(update={"use_token": True})})
+        rank_cfg = ranking_config(up_cfg, bench)
+        ecfg = eval_config(rcfg, bench.evaluation_prompts, n_prompt, bench.eval_seed + 100_000 * i)
+        tasks.append(Task(("upstream", seed), 0, _upstream, (up_cfg, rdir / "run", threads)))
+        if any(m.feedback == "ranking" for m in METHODS):
+            # Its own store (the feedback inbox is per store and concept), the same images linked in.
+            rank_run = link_stages(rdir / "ranking" / "run", rdir / "run", ("generate", "publish"))
+            tasks.append(Task(("ranking", seed), 1, _feedback_upstream,
+                              (rank_cfg, rank_run, threads), (("upstream", seed),)))  # fmt: skip
+        for m in METHODS:
+            mdir = method_dir(rdir, m.name)
+            if m.family:
+                source = rdir / "ranking" / "run" if m.feedback == "ranking" else rdir / "run"
+                needs = (("upstream", seed),) + ((("ranking", seed),) if m.feedback == "ranking" else ())
+                mcfg = method_config(rcfg, bench, m, quick, seed)
+                priority = {"sdd": 2, "esd": 3, "uce": 4}[m.family]  # the longest trainings first
+                run = link_stages(mdir, source, UPSTREAM)  # the replicate's upstream, its own training
+                tasks.append(Task(("train", seed, m.name), priority, _train, (mcfg, run, threads), needs))
+                unet = str(mdir / TRAINING / "unet")
+                eval_needs: tuple[tuple, ...] = (("train", seed, m.name),)
+            else:
+                unet, eval_needs = None, ()
+            variant = Variant(m.name, unet=unet, inference=m.inference, negative_prompt=bench.text_concept,  # type: ignore[arg-type]
+                              safety_concept=bench.text_concept)  # fmt: skip
+            tasks.append(Task(("evaluate", seed, m.name), 5, _evaluate, (ecfg, variant, mdir / "evaluate", threads),
+                              eval_needs))  # fmt: skip
 
-    # Tasks wait in `ready` until a worker is free, longest first: the upstream run, then the
-    # trainings (they need its token), then the evaluations. The inference-time methods need
-    # nothing upstream, so they fill the second worker while the upstream run holds the first.
-    Task = tuple[int, str, Method | None]  # (priority: lower runs first, kind, method)
-    ready: list[Task] = [(0, "upstream", None)]
-    ready += [(2, "evaluate", m) for m in METHODS if not m.family]
-    ready += [(1, "train", m) for m in METHODS if m.family]  # held back until the upstream run is done
-    trained: dict[str, dict[str, Any]] = {}
-    evaluated: dict[str, dict[str, Any]] = {}
+    def on_done(task: Task, result: dict[str, Any]) -> None:
+        kind, seed, *rest = task.key
+        if kind in ("upstream", "ranking"):
+            upstream.setdefault(seed, {})[kind] = result
+            stages = UPSTREAM if kind == "upstream" else FEEDBACK_STAGES
+            skipped = [n for n in stages if result[n].get("skipped")]
+            reused.extend(f"seed {seed} {kind} {n}" for n in skipped)
+            log(f"seed {seed} {kind}: " + ", ".join(f"{n} {result[f'{n}_seconds']} s" for n in stages)
+                + (f" (reused: {', '.join(skipped)})" if skipped else ""))  # fmt: skip
+        elif kind == "train":
+            trained[(seed, rest[0])] = result
+            if result["reused"]:
+                reused.append(f"seed {seed} {rest[0]} training")
+            log(f"seed {seed} trained {rest[0]}: {result['seconds']} s" + (" (reused)" if result["reused"] else ""))
+        else:
+            evaluated[(seed, rest[0])] = result
+            log(f"seed {seed} evaluated {rest[0]}: {result['seconds']} s")
 
-    ctx = get_context("spawn")  # fresh interpreters: no torch state shared with the parent
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=ctx, max_tasks_per_child=1) as pool:
-        pending: dict[Future, Task] = {}
-        while ready or pending:
-            ready.sort(key=lambda task: task[0])  # stable: METHODS order within a priority
-            runnable = [t for t in ready if t[1] != "train" or upstream]
-            while runnable and len(pending) < jobs:
-                task = runnable.pop(0)
-                ready.remove(task)
-                _, kind, m = task
-                if kind == "upstream":
-                    fut = pool.submit(_upstream, upstream_cfg, run, threads)
-                elif kind == "train":
-                    assert m is not None
-                    fut = pool.submit(_train, method_config(cfg, bench, m, quick), method_run(out, m.name, run),
-                                      threads)  # fmt: skip
-                else:
-                    assert m is not None
-                    fut = pool.submit(_evaluate, ecfg, variant(m), method_dir(out, m.name) / "evaluate", threads)
-                pending[fut] = task
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                _, kind, m = pending.pop(fut)
-                result = fut.result()
-                if kind == "upstream":
-                    upstream = result
-                    skipped = [n for n in UPSTREAM if result[n].get("skipped")]
-                    reused += [f"upstream {n}" for n in skipped]
-                    log("upstream: " + ", ".join(f"{n} {result[f'{n}_seconds']} s" for n in UPSTREAM)
-                        + (f" (reused: {', '.join(skipped)})" if skipped else ""))  # fmt: skip
-                elif kind == "train":
-                    assert m is not None
-                    trained[m.name] = result
-                    if result["reused"]:
-                        reused.append(f"{m.name} training")
-                    log(f"trained {m.name}: {result['seconds']} s" + (" (reused)" if result["reused"] else ""))
-                    ready.append((2, "evaluate", m))
-                else:
-                    assert m is not None
-                    evaluated[m.name] = result
-                    log(f"evaluated {m.name}: {result['seconds']} s")
+    run_tasks(tasks, jobs, on_done)
 
-    images = {m.name: np.load(method_dir(out, m.name) / "evaluate" / "images.npy") for m in METHODS}
-    results = _collect(cfg, bench, images, trained, evaluated, upstream, quick=quick, n_prompt=n_prompt)
+    images = {
+        (seed, m.name): np.load(method_dir(replicate_dir(out, seed), m.name) / "evaluate" / "images.npy")
+        for seed in seeds
+        for m in METHODS
+    }
+    results = _collect(cfg, bench, seeds, images, trained, evaluated, upstream, quick=quick, n_prompt=n_prompt)
     results["seconds"] = round(time.time() - t_start, 1)
     if reused:
         results["reused"] = reused
     results["provenance"] = provenance or {}
     (out / "results.json").write_text(json.dumps(results, indent=2))
     (out / "results.md").write_text(results_table(results))
-    save_method_grid(out / "grid.png", images, cfg, n_prompt)
+    save_method_grid(out / "grid.png", {m.name: images[(seeds[0], m.name)] for m in METHODS},
+                     bench.evaluation_prompts, n_prompt)  # fmt: skip
+    save_group_plot(out / "groups.png", results)
     if tracker is not None:
-        _track(tracker, out, results)
+        _track(tracker, out, results, seeds[0])
     return results
 
 
-def method_dir(out: Path, name: str) -> Path:
-    """A method's folder under the benchmark's output: ``methods/<name>/{distill,evaluate}``."""
-    return Path(out) / "methods" / name.replace(" ", "_").replace("+", "_")
-
-
-def group_slices(cfg: RunConfig, n_prompt: int) -> list[slice]:
+def group_slices(prompts: list[PromptSet], n_prompt: int) -> list[slice]:
     """Where each prompt group's images lie in an evaluation's image array (``eval_plan`` order)."""
-    ends = np.cumsum([len(ps.prompts) * n_prompt for ps in cfg.prompts])
-    return [slice(int(e) - len(ps.prompts) * n_prompt, int(e)) for e, ps in zip(ends, cfg.prompts, strict=True)]
+    ends = np.cumsum([len(ps.prompts) * n_prompt for ps in prompts])
+    return [slice(int(e) - len(ps.prompts) * n_prompt, int(e)) for e, ps in zip(ends, prompts, strict=True)]
 
 
-def _collect(cfg: RunConfig, bench: BenchConfig, images: dict[str, np.ndarray], trained: dict, evaluated: dict,
-             upstream: dict, *, quick: bool, n_prompt: int) -> dict[str, Any]:  # fmt: skip
-    """One row of numbers per method; drift against SD's images of the same prompts and seeds."""
-    base = images["sd"].astype(np.float32)  # (N, H, W, 3)
-    groups = [ps.group for ps in cfg.prompts]
-    kept = [sl for sl, grp in zip(group_slices(cfg, n_prompt), groups, strict=True) if not grp.startswith("target")]
+def cell(per_seed: list[tuple[int, int]]) -> dict[str, Any]:
+    """One table cell from (successes, images) per seed: the mean of the seeds' shares, their min
+    and max, and the 95% Wilson interval of the images pooled over seeds."""
+    shares = [k / n for k, n in per_seed]
+    k, n = sum(k for k, _ in per_seed), sum(n for _, n in per_seed)
+    lo, hi = wilson_interval(k, n)
+    return {"mean": float(np.mean(shares)), "min": min(shares), "max": max(shares), "lo": lo, "hi": hi,
+            "k": k, "n": n, "per_seed": shares}  # fmt: skip
+
+
+def _collect(cfg: RunConfig, bench: BenchConfig, seeds: list[int], images: dict[tuple[int, str], np.ndarray],
+             trained: dict, evaluated: dict, upstream: dict, *, quick: bool,
+             n_prompt: int) -> dict[str, Any]:  # fmt: skip
+    """Per method, one cell per column over the replicates; drift and where the erased concept
+    went are measured against SD's images of the same prompts and seeds."""
+    from hfi_core.evaluation import became
+    from hfi_core.models import load_oracle
+
+    prompts = bench.evaluation_prompts
+    oracle = load_oracle(cfg.evaluate.oracle)
+    slices = group_slices(prompts, n_prompt)
+    targets = [(sl, ps.group) for sl, ps in zip(slices, prompts, strict=True) if ps.group.startswith("target")]
+    kept = [(sl, ps.group) for sl, ps in zip(slices, prompts, strict=True) if not ps.group.startswith("target")]
+    base_pred = {seed: oracle.predict(images[(seed, "sd")]) for seed in seeds}
     rows: dict[str, dict[str, Any]] = {}
     for m in METHODS:
-        g = evaluated[m.name]["groups"]
-        drift = np.mean([np.abs(images[m.name][sl].astype(np.float32) - base[sl]).mean() / 255 for sl in kept])
-        row: dict[str, Any] = {}
-        for grp in groups:
-            if grp.startswith("target"):
-                row[f"striped[{grp.removeprefix('target:')}]"] = g[grp]["oracle_striped"]
-        for grp in groups:
-            if grp.startswith("preserve"):
-                style = grp.split(":")[-1]
-                row[f"{style}[{style}]"] = g[grp][f"oracle_{style}"]
-        row["shape_acc"] = float(np.mean([g[grp]["oracle_shape_acc"] for grp in groups]))
-        row["color_acc"] = float(np.mean([g[grp]["oracle_color_acc"] for grp in groups]))
-        row["drift_non_target"] = float(drift)
-        row["clip_concept_rate_target"] = float(np.mean([g[grp]["clip_concept_rate"] for grp in groups
-                                                         if grp.startswith("target")]))  # fmt: skip
-        t = trained.get(m.name, {})
-        row["train_seconds"] = t.get("seconds", 0.0)
-        row["peak_memory_mb"] = t.get("peak_memory_mb")
-        row["eval_seconds"] = evaluated[m.name]["seconds"]
+        counts: dict[str, list[tuple[int, int]]] = {}  # column -> (successes, images) per seed
+        other: dict[str, list[float]] = {}
+        for seed in seeds:
+            g = evaluated[(seed, m.name)]["groups"]
+            shares = [(f"striped[{grp.removeprefix('target:')}]", g[grp]["oracle_striped"], g[grp]["n"])
+                      for _, grp in targets]  # fmt: skip
+            shares += [(f"{st}[{st}]", g[grp][f"oracle_{st}"], g[grp]["n"]) for _, grp in kept
+                       for st in [grp.split(":")[-1]]]  # fmt: skip
+            shares += [(f"striped_in[{grp.split(':')[-1]}]", g[grp]["oracle_striped"], g[grp]["n"])
+                       for _, grp in kept]  # fmt: skip
+            n_all = sum(g[grp]["n"] for grp in g)
+            for attr in ("shape_acc", "color_acc"):
+                shares.append((attr, sum(g[grp][f"oracle_{attr}"] * g[grp]["n"] for grp in g) / n_all, n_all))
+            for key, share, n in shares:
+                counts.setdefault(key, []).append((int(round(share * n)), n))
+            pred = oracle.predict(images[(seed, m.name)])
+            for style in ("dotted", "plain"):
+                k = n = 0
+                for sl, _ in targets:
+                    part = became({a: v[sl] for a, v in base_pred[seed].items()}, {a: v[sl] for a, v in pred.items()})
+                    k += int(round(part[f"became_{style}"] * (sl.stop - sl.start)))
+                    n += sl.stop - sl.start
+                counts.setdefault(f"became_{style}", []).append((k, n))
+            base, now = images[(seed, "sd")].astype(np.float32), images[(seed, m.name)].astype(np.float32)
+            drift = np.mean([np.abs(now[sl] - base[sl]).mean() / 255 for sl, _ in kept])
+            other.setdefault("drift_non_target", []).append(float(drift))
+            t = trained.get((seed, m.name), {})
+            other.setdefault("train_seconds", []).append(t.get("seconds", 0.0))
+            if t.get("peak_memory_mb") is not None:
+                other.setdefault("peak_memory_mb", []).append(t["peak_memory_mb"])
+            other.setdefault("eval_seconds", []).append(evaluated[(seed, m.name)]["seconds"])
+        row: dict[str, Any] = {k: cell(v) for k, v in counts.items()}
+        row |= {k: float(np.mean(v)) for k, v in other.items()}
+        row.setdefault("peak_memory_mb", None)
         rows[m.name] = row
-    return {
+    results = {
         "mode": "quick" if quick else "full",
+        "seeds": seeds,
         "methods": rows,
-        "groups": {m.name: evaluated[m.name]["groups"] for m in METHODS},
+        "groups": {m.name: {str(s): evaluated[(s, m.name)]["groups"] for s in seeds} for m in METHODS},
         "settings": {
-            "eval_seed": bench.eval_seed,
+            "eval_seeds": [bench.eval_seed + 100_000 * i for i in range(len(seeds))],
             "validation_seed": bench.validation_seed,
             "images_per_prompt": n_prompt,
-            "images_per_group": {ps.group: len(ps.prompts) * n_prompt for ps in cfg.prompts},
+            "images_per_group": {ps.group: len(ps.prompts) * n_prompt for ps in prompts},
+            "evaluation_prompts": {ps.group: ps.prompts for ps in prompts},
+            "upstream_prompts": {ps.group: ps.prompts for ps in cfg.prompts},
             "text_concept": bench.text_concept,
             "families": {
-                f: method_config(cfg, bench, Method(f, family=f), quick).distill.model_dump(mode="json")
-                for f in ("sdd", "esd")
+                f: method_config(cfg, bench, Method(f, family=f), quick).distill.model_dump(mode="json")  # type: ignore[arg-type]
+                for f in ("sdd", "esd", "uce")
             },
+            "ranking": bench.ranking,
             "generation": cfg.generation.model_dump(mode="json"),
             "token": cfg.invert.token,
         },
-        "upstream": upstream,
-        "evaluators": evaluated["sd"]["evaluators"],
+        "upstream": {str(s): v for s, v in upstream.items()},
+        "evaluators": evaluated[(seeds[0], "sd")]["evaluators"],
     }
+    results["claims"] = claims(results)
+    return results
+
+
+# ----------------------------------------------------------------------------- the report
+
+
+def _target_columns(results: dict[str, Any]) -> list[str]:
+    return [k for k in results["methods"]["sd"] if k.startswith("striped[")]
+
+
+def _separated(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two cells' 95% intervals do not overlap."""
+    return a["hi"] < b["lo"] or b["hi"] < a["lo"]
+
+
+def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The questions the benchmark answers, each with its numbers and a plain verdict."""
+    rows, out = results["methods"], []
+    targets = _target_columns(results)
+    implicit = [c for c in targets if c != "striped[explicit]"]
+    for text in ("sdd", "esd-x", "uce"):
+        worst = max(implicit, key=lambda c: rows[text][c]["mean"])
+        c = rows[text][worst]
+        out.append({
+            "claim": f"text-only {text} on the name leaves at least 0.5 of the concept on some implicit group",
+            "holds": c["mean"] >= 0.5, "where": worst, "mean": c["mean"], "interval": [c["lo"], c["hi"]],
+            "min_seed": c["min"], "intervals_separate_from_0.5": c["lo"] > 0.5 or c["hi"] < 0.5,
+        })  # fmt: skip
+    hfi = rows["hfi+sdd"]
+    worst_max = max(targets, key=lambda c: hfi[c]["max"])
+    out.append({
+        "claim": "hfi+sdd leaves at most 0.10 on the explicit and every implicit group, in every seed",
+        "holds": hfi[worst_max]["max"] <= 0.10, "where": worst_max, "max_seed": hfi[worst_max]["max"],
+    })  # fmt: skip
+    keep = [k for k in rows["sd"] if k.endswith("]") and not k.startswith("striped[")] + ["shape_acc", "color_acc"]
+    drops = {k: rows["sd"][k]["mean"] - hfi[k]["mean"] for k in keep}
+    out.append({
+        "claim": "hfi+sdd keeps dotted, plain, shape and colour within 0.05 of sd",
+        "holds": max(drops.values()) <= 0.05, "drops": drops,
+    })  # fmt: skip
+    for text, with_hfi in (("sdd", "hfi+sdd"), ("esd-x", "hfi+esd-x"), ("uce", "hfi+uce"),
+                           ("hfi+sdd", "hfi+sdd (ranking)")):  # fmt: skip
+        per_group = {}
+        for c in targets:
+            a, b = rows[text][c], rows[with_hfi][c]
+            per_group[c] = {"difference": a["mean"] - b["mean"], "separate": _separated(a, b),
+                            "better": b["hi"] < a["lo"]}  # fmt: skip
+        mean_gap = float(np.mean([v["difference"] for v in per_group.values()]))
+        out.append({
+            "claim": f"{with_hfi} removes more of the concept than {text}",
+            "holds": mean_gap > 0 and any(v["better"] for v in per_group.values()),
+            "mean_difference": mean_gap, "groups": per_group,
+        })  # fmt: skip
+    return out
 
 
 COLUMNS = (
     ("striped[explicit]", "striped: explicit"),
-    ("striped[implicit:zebra]", "striped: zebra"),
     ("striped[implicit:barcode]", "striped: barcode"),
+    ("striped[implicit:zebra]", "striped: zebra"),
+    ("striped[context:circus]", "striped: circus"),
     ("dotted[dotted]", "dotted on dotted"),
     ("plain[plain]", "plain on plain"),
     ("shape_acc", "shape acc"),
     ("color_acc", "colour acc"),
-    ("drift_non_target", "drift (non-target)"),
-    ("clip_concept_rate_target", "tiny-CLIP concept rate (target)"),
-    ("train_seconds", "train s"),
-    ("peak_memory_mb", "peak MB"),
+    ("became_dotted", "target became dotted"),
+    ("became_plain", "target became plain"),
 )
+NUMBERS = (("drift_non_target", "drift (non-target)"), ("train_seconds", "train s"), ("peak_memory_mb", "peak MB"))
+
+
+def _fmt(c: dict[str, Any], seeds: int) -> str:
+    spread = f" [{c['min']:.2f}-{c['max']:.2f}]" if seeds > 1 else ""
+    return f"{c['mean']:.3f}{spread} ({c['lo']:.2f}-{c['hi']:.2f})"
 
 
 def results_table(results: dict[str, Any]) -> str:
-    """results.md: one row per method; oracle shares and accuracies, drift, CLIP, cost."""
+    """results.md: one row per method (mean [min-max over seeds] (95% Wilson interval)), then the claims."""
     s = results["settings"]
+    seeds = results["seeds"]
+    cols = [(k, t) for k, t in COLUMNS if k in results["methods"]["sd"]]
     lines = [
         f"# Removal on the toy world ({results['mode']} mode)",
         "",
-        f"{min(s['images_per_group'].values())}+ images per prompt group, evaluation seeds from {s['eval_seed']} "
-        f"(hyperparameters chosen on validation seeds from {s['validation_seed']}); oracle-judged shares.",
+        f"{len(seeds)} seed(s) {seeds}; {min(s['images_per_group'].values())}+ images per prompt group and seed, on "
+        f"held-out prompts, evaluation seeds from {s['eval_seeds'][0]} (hyperparameters chosen on validation seeds "
+        f"from {s['validation_seed']}); oracle-judged shares. Each cell: mean over seeds"
+        + (" [min-max]" if len(seeds) > 1 else "") + " (95% Wilson interval of the pooled images).",
         "",
-        "| method | " + " | ".join(title for _, title in COLUMNS) + " |",
-        "|---|" + "---|" * len(COLUMNS),
+        "| method | " + " | ".join(t for _, t in cols) + " | " + " | ".join(t for _, t in NUMBERS) + " |",
+        "|---|" + "---|" * (len(cols) + len(NUMBERS)),
     ]
     for name, row in results["methods"].items():
-        cells = []
-        for key, _ in COLUMNS:
-            v = row.get(key)
-            cells.append("" if v is None else f"{v:.0f}" if key in ("train_seconds", "peak_memory_mb") else f"{v:.3f}")
+        cells = [_fmt(row[k], len(seeds)) for k, _ in cols]
+        for k, _ in NUMBERS:
+            v = row.get(k)
+            cells.append("" if v is None else f"{v:.0f}" if k != "drift_non_target" else f"{v:.3f}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    lines += ["", "## Claims", ""]
+    for c in results.get("claims", []):
+        verdict = "holds" if c["holds"] else "does NOT hold"
+        detail = {k: v for k, v in c.items() if k not in ("claim", "holds", "groups")}
+        line = f"- **{c['claim']}**: {verdict}. " + ", ".join(f"{k} {_short(v)}" for k, v in detail.items())
+        if "groups" in c:
+            line += ". Per group (difference, intervals separate): " + "; ".join(
+                f"{g.removeprefix('striped[').rstrip(']')} {v['difference']:+.3f} {'yes' if v['separate'] else 'no'}"
+                for g, v in c["groups"].items()
+            )
+        lines.append(line)
     lines += ["", f"Total wall time: {results.get('seconds', 0):.0f} s."]
     if reused := results.get("reused"):
         lines.append(f"Reused from an earlier run in the same folder (`--resume`): {', '.join(reused)}.")
@@ -422,22 +654,69 @@ def results_table(results: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _short(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.3f}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_short(x) for x in v) + "]"
+    if isinstance(v, dict):
+        return "{" + ", ".join(f"{k}: {_short(x)}" for k, x in v.items()) + "}"
+    return str(v)
+
+
+def save_group_plot(path: Path, results: dict[str, Any]) -> None:
+    """groups.png: per method, the concept share on each prompt group, with 95% Wilson intervals
+    (and the min and max over seeds as ticks)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = results["methods"]
+    groups = [k for k in rows["sd"] if k.startswith(("striped[", "striped_in["))]
+    names = list(rows)
+    fig, ax = plt.subplots(figsize=(max(8, 1.9 * len(groups) + 3), 4.2))
+    width = 0.8 / len(names)
+    cmap = plt.get_cmap("tab20")
+    for j, name in enumerate(names):
+        xs = np.arange(len(groups)) + (j - (len(names) - 1) / 2) * width
+        mean = np.array([rows[name][g]["mean"] for g in groups])
+        lo = np.array([rows[name][g]["lo"] for g in groups])
+        hi = np.array([rows[name][g]["hi"] for g in groups])
+        ax.bar(xs, mean, width * 0.9, color=cmap(j % 20), label=name)
+        ax.errorbar(xs, mean, yerr=[np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)], fmt="none",
+                    ecolor="black", elinewidth=0.8, capsize=1.5)  # fmt: skip
+        if len(results["seeds"]) > 1:
+            ax.scatter(xs, [rows[name][g]["min"] for g in groups], marker="_", color="grey", s=12, zorder=3)
+            ax.scatter(xs, [rows[name][g]["max"] for g in groups], marker="_", color="grey", s=12, zorder=3)
+    ax.set_xticks(np.arange(len(groups)), [g.split("[")[1].rstrip("]") for g in groups])
+    ax.axhline(0.10, color="red", lw=0.6, ls="--")
+    ax.set(ylim=(0, 1.05), ylabel="striped share (oracle)",
+           title=f"Concept share per prompt group, {results['mode']} mode, seeds {results['seeds']} "
+                 "(bars: mean; lines: 95% Wilson; ticks: seed min/max)")  # fmt: skip
+    ax.title.set_fontsize(9)
+    ax.legend(fontsize=7, ncol=2, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def save_method_grid(
-    path: Path, images: dict[str, np.ndarray], cfg: RunConfig, n_prompt: int, per_cell: int = 4
+    path: Path, images: dict[str, np.ndarray], prompts: list[PromptSet], n_prompt: int, per_cell: int = 3
 ) -> None:
     """The grid figure: rows = methods, columns = prompt groups; in each cell the first image of
     the group's first ``per_cell`` prompts, the same seeds in every row."""
     from PIL import Image, ImageDraw
 
     rows = []
-    label_w, pad = 110, 6
-    slices = group_slices(cfg, n_prompt)
+    label_w, pad = 130, 6
+    slices = group_slices(prompts, n_prompt)
     for m in METHODS:
         cells = []
-        for sl, ps in zip(slices, cfg.prompts, strict=True):
+        for sl, ps in zip(slices, prompts, strict=True):
             idx = [sl.start + p * n_prompt for p in range(min(per_cell, len(ps.prompts)))]
-            cell = np.concatenate([images[m.name][i] for i in idx], axis=1)  # (H, per_cell * W, 3)
-            cells.append(np.pad(cell, ((0, 0), (0, pad), (0, 0)), constant_values=255))
+            cell_img = np.concatenate([images[m.name][i] for i in idx], axis=1)  # (H, per_cell * W, 3)
+            cells.append(np.pad(cell_img, ((0, 0), (0, pad), (0, 0)), constant_values=255))
         rows.append(np.concatenate(cells, axis=1))
     grid = np.concatenate(rows, axis=0)
     scale = max(1, 64 // images["sd"].shape[1])  # 32-px toy images shown at 64 px
@@ -446,26 +725,32 @@ def save_method_grid(
     canvas = Image.new("RGB", (w + label_w, h + 20), "white")
     canvas.paste(img, (label_w, 20))
     draw = ImageDraw.Draw(canvas)
-    row_h, col_w = h // len(METHODS), w // len(cfg.prompts)
+    row_h, col_w = h // len(METHODS), w // len(prompts)
     for i, m in enumerate(METHODS):
         draw.text((4, 20 + i * row_h + row_h // 2 - 5), m.name, fill="black")
-    for j, ps in enumerate(cfg.prompts):
-        draw.text((label_w + j * col_w + 2, 4), ps.group, fill="black")
+    for j, ps in enumerate(prompts):
+        draw.text((label_w + j * col_w + 2, 4), ps.group.removeprefix("target:"), fill="black")
     canvas.save(path)
 
 
-def _track(tracker: Any, out: Path, results: dict[str, Any]) -> None:
-    """A parent run for the benchmark, a child per method with its row as metrics."""
+def _track(tracker: Any, out: Path, results: dict[str, Any], first_seed: int) -> None:
+    """A parent run for the benchmark, a child per method with its cells' means as metrics."""
     tags = {"hfi.kind": "bench-removal", "hfi.mode": results["mode"]}
     parent = tracker.parent(str(out.resolve()), f"bench-removal-{results['mode']}", results["settings"], tags)
     for name, row in results["methods"].items():
         child = tracker.child(parent, name, tags)
-        tracker.log_metrics(child, {k.replace("[", ".").replace("]", ""): v for k, v in row.items()})
-        tracker.log_metrics(child, results["groups"][name], prefix="groups.")
-        grid = method_dir(out, name) / "evaluate" / "grid.png"
+        flat: dict[str, float] = {}
+        for k, v in row.items():
+            key = k.replace("[", ".").replace("]", "")
+            if isinstance(v, dict):
+                flat |= {key: v["mean"], f"{key}.lo": v["lo"], f"{key}.hi": v["hi"]}
+            elif v is not None:
+                flat[key] = v
+        tracker.log_metrics(child, flat)
+        grid = method_dir(replicate_dir(out, first_seed), name) / "evaluate" / "grid.png"
         if grid.exists():
             tracker.log_file(child, grid)
         tracker.finish(child)
-    for f in ("results.md", "results.json", "grid.png"):
+    for f in ("results.md", "results.json", "grid.png", "groups.png"):
         tracker.log_file(parent, out / f)
     tracker.finish(parent)

@@ -214,7 +214,7 @@ class RewardConfig(Section):
     weight_decay: float = Field(1e-4, ge=0)
     """AdamW weight decay."""
     holdout: float = Field(0.2, ge=0, lt=1)
-    """Share of images (binary) or prompts (ranking) held out for the reported metrics."""
+    """Share of prompts held out for the reported metrics (their images never train)."""
     seed: int = Field(0, ge=0)
     """Seeds the split and the initialisation."""
 
@@ -259,11 +259,13 @@ class InvertConfig(Section):
 
 
 class DistillConfig(Section):
-    """Fine-tuning that erases the concept: SDD (self-distillation) or ESD-x."""
+    """Fine-tuning that erases the concept: SDD (self-distillation), ESD-x or a closed-form edit (UCE)."""
 
-    method: Literal["sdd", "esd"] = "sdd"
+    method: Literal["sdd", "esd", "uce"] = "sdd"
     """``sdd``: match the student's conditional to its own unconditional on EMA-teacher samples;
-    ``esd``: match a frozen copy's negatively guided prediction."""
+    ``esd``: match a frozen copy's negatively guided prediction; ``uce``: solve the cross-attention
+    key/value projections in closed form so the concept prompts read as the empty prompt (no
+    sampling, no steps; ``trainable`` and the optimiser fields do not apply)."""
     concept_prompts: list[str] = ["{token}"]
     """Prompts naming the concept to erase, cycled; ``{token}``: the HFI token, ``{concept}``: the concept's name."""
     use_token: bool = True
@@ -317,6 +319,11 @@ class DistillConfig(Section):
     """bf16 autocast over fp32 weights (the optimiser and the EMA stay fp32); ``auto``: on CUDA only."""
     gradient_checkpointing: bool = False
     """Recompute the UNet's activations in the backward pass: less memory, about a third more time."""
+    uce_lambda: float = Field(0.1, gt=0)
+    """UCE: weight of ``||W' - W||^2``, which keeps the edit near the original (and the solve
+    well-posed when few states are erased or preserved)."""
+    uce_preserve_scale: float = Field(1.0, ge=0)
+    """UCE: weight of the preserve prompts' states against the erased ones."""
 
     @model_validator(mode="after")
     def _checkpoints_on_rollout_boundaries(self) -> DistillConfig:
@@ -365,6 +372,19 @@ class PromotionConfig(Section):
     """Gate: mean over target groups of the distilled model's concept metric."""
     max_preservation_drop: float = Field(0.02, ge=0)
     """Gate: drop of the mean CLIP score over preserve groups, base minus distilled."""
+    max_became: dict[str, float] = {}
+    """Gates on where the erased concept went: for each oracle style named (``dotted: 0.2``),
+    the mean over target groups of the share of images that the base model drew otherwise and
+    the distilled model draws in that style (``oracle_became_<style>``). A removal that turns
+    the concept into a protected neighbour is not a clean removal. Needs ``evaluate.oracle``."""
+
+    @field_validator("max_became")
+    @classmethod
+    def _shares(cls, v: dict[str, float]) -> dict[str, float]:
+        for style, limit in v.items():
+            if not 0 <= limit <= 1:
+                raise ValueError(f"{style}: a share limit must lie in [0, 1], got {limit}")
+        return v
 
 
 class RunConfig(Section):

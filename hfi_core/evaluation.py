@@ -134,11 +134,33 @@ def eval_plan(cfg: RunConfig, n_per_prompt: int, seed: int) -> list[tuple[str, s
     return [(g, p, seed + i) for i, (g, p) in enumerate(pairs)]
 
 
-def _oracle_metrics(oracle: Any, images: np.ndarray, prompts: list[str]) -> dict[str, float]:
+def became(base: dict[str, list[str]], pred: dict[str, list[str]]) -> dict[str, float]:
+    """What images turned into, against the base model's images of the same prompts and seeds.
+
+    ``base`` and ``pred`` are the oracle's predictions (``Oracle.predict``) of paired images.
+    Returns ``became_<style>``: the share of all images that the base drew in another style and
+    this model draws in ``<style>`` (for a target group: where the erased concept went), and
+    ``<attr>_changed``: the share whose shape or colour is no longer the base image's.
+    """
+    from hfi_core.toyworld.oracle import ATTRIBUTES
+
+    n = max(1, len(pred["style"]))
+    pairs = list(zip(base["style"], pred["style"], strict=True))
+    out = {f"became_{s}": sum(b != s and p == s for b, p in pairs) / n for s in ATTRIBUTES["style"]}
+    for attr in ("shape", "color"):
+        out[f"{attr}_changed"] = sum(b != p for b, p in zip(base[attr], pred[attr], strict=True)) / n
+    return out
+
+
+def _oracle_metrics(
+    oracle: Any, images: np.ndarray, prompts: list[str], base_images: np.ndarray | None = None
+) -> dict[str, float]:
     from hfi_core.toyworld.oracle import ATTRIBUTES
 
     pred = oracle.predict(images)
     out = {s: float(np.mean([p == s for p in pred["style"]])) for s in ATTRIBUTES["style"]}
+    if base_images is not None:
+        out |= became(oracle.predict(base_images), pred)
     for attr in ("shape", "color"):
         expected = [next((w for w in p.split() if w in ATTRIBUTES[attr]), None) for p in prompts]
         hits = [p == e for p, e in zip(pred[attr], expected, strict=True) if e is not None]
@@ -198,7 +220,8 @@ def evaluate(
                 np.abs(images[idx].astype(np.float32) - base_images[idx].astype(np.float32)).mean() / 255
             )
         if oracle is not None:
-            judged = _oracle_metrics(oracle, images[idx], [plan[i][1] for i in idx])
+            base = base_images[idx] if base_images is not None else None
+            judged = _oracle_metrics(oracle, images[idx], [plan[i][1] for i in idx], base)
             m |= {f"oracle_{k}": v for k, v in judged.items()}
         groups[group] = m
     evaluators: dict[str, Any] = {

@@ -4,7 +4,7 @@
     z_{i,t} = sqrt(abar_t) z_i + sqrt(1 - abar_t) eps
 
 over the model's own samples x_i for the concept prompts, z_i their VAE latents and w_i their
-rewards (clipped at 0, normalised to mean 1; ``top_k`` keeps only the K highest). Textual
+rewards (standardised, clipped at 0, normalised to mean 1; ``top_k`` keeps only the K highest). Textual
 inversion, weighted: only the new token's embedding row trains (optionally kept within
 ``max_norm`` times the largest word embedding's norm, by projection after each step). After
 every step all other rows are copied back from the original table, so they come out
@@ -28,19 +28,30 @@ from hfi_core.distill.common import autocast
 
 
 def reward_weights(rewards: np.ndarray, top_k: int = 0) -> np.ndarray:
-    """Rewards -> per-image weights: clipped at 0, optionally top-K, normalised to mean 1 over the kept.
+    """Rewards -> per-image weights: standardised, clipped at 0, optionally top-K, normalised to
+    mean 1 over the kept.
+
+    Standardising first makes the weights depend only on how the images' rewards compare: a
+    Bradley-Terry reward is defined up to an added constant (its last bias gets no gradient),
+    and a reward on another scale (MSE on mean labels, BCE probabilities) says the same thing.
+    Without it, which images train would be an accident of the reward model's initialisation.
+    So the images above the mean reward train, in proportion to how far above it they are.
 
     Raises:
-        ValueError: when no image has a positive reward (nothing to invert).
+        ValueError: when every image has the same reward (the feedback tells them not apart).
     """
-    w = np.clip(np.asarray(rewards, dtype=np.float64), 0.0, None)
+    r = np.asarray(rewards, dtype=np.float64)
+    spread = r.std()
+    if not np.isfinite(spread) or spread <= 1e-12 * max(1.0, np.abs(r).max(initial=0.0)):
+        raise ValueError(
+            f"invert: all {len(r)} images have the same reward; the feedback tells no concept apart to invert"
+        )
+    w = np.clip((r - r.mean()) / spread, 0.0, None)
     if top_k and top_k < len(w):
         keep = np.zeros_like(w, dtype=bool)
         keep[np.argsort(-w, kind="stable")[:top_k]] = True
         w = np.where(keep, w, 0.0)
-    kept = w > 0
-    if not kept.any():
-        raise ValueError("invert: no image has a positive reward; the feedback shows no concept to invert")
+    kept = w > 0  # never empty: some reward lies above the mean of unequal rewards
     return w / w[kept].mean()
 
 

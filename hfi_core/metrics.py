@@ -1,6 +1,8 @@
-"""Small metrics with no dependencies beyond numpy (ROC-AUC, ROC curve)."""
+"""Small metrics with no dependencies beyond numpy (ROC-AUC, ROC curve, Wilson interval)."""
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 
@@ -37,3 +39,19 @@ def roc_curve(scores: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.nd
     tp = np.concatenate([[0], np.cumsum(labels[order])])
     fp = np.concatenate([[0], np.cumsum(~labels[order])])
     return fp / max(1, fp[-1]), tp / max(1, tp[-1])
+
+
+def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """The Wilson score interval of a binomial proportion (95% for the default ``z``).
+
+    Unlike the normal approximation it stays inside [0, 1] and does not collapse to a point at
+    0 or n successes, which is where removal results live. ``n == 0`` gives (0, 1).
+    """
+    if n <= 0:
+        return 0.0, 1.0
+    if not 0 <= successes <= n:
+        raise ValueError(f"wilson_interval: {successes} successes of {n}")
+    p = successes / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)

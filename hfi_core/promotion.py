@@ -30,17 +30,23 @@ def promotion_gates(
     max_concept_rate: float,
     max_preservation_drop: float,
     concept_metric: str = "clip_concept_rate",
+    max_became: dict[str, float] | None = None,
 ) -> GateResult:
     """Gates on an evaluation summary (``stages.stage_evaluate``'s).
 
     - concept rate: mean over ``target`` groups of the distilled model's ``concept_metric`` (CLIP's
       concept rate, NudeNet's rate, or a toy-world oracle share) must be at most ``max_concept_rate``;
     - preservation: mean over ``preserve`` groups of CLIP score must drop by at most
-      ``max_preservation_drop`` from the base model's.
+      ``max_preservation_drop`` from the base model's;
+    - ``became_<style>``, for each style of ``max_became``: mean over ``target`` groups of the share
+      of images that turned into that style (``oracle_became_<style>``) must be at most its limit.
+
+    Raises:
+        ValueError: when a ``max_became`` style has no measurement in the summary.
     """
 
-    def concept(groups: dict[str, dict[str, float]]) -> float:
-        vals = [g[concept_metric] for n, g in groups.items() if n.startswith("target")]
+    def concept(groups: dict[str, dict[str, float]], metric: str = concept_metric) -> float:
+        vals = [g[metric] for n, g in groups.items() if n.startswith("target")]
         return sum(vals) / len(vals)
 
     def preserve(groups: dict[str, dict[str, float]]) -> float:
@@ -49,16 +55,21 @@ def promotion_gates(
 
     rate = concept(summary["distilled"])
     drop = preserve(summary["sd"]) - preserve(summary["distilled"])
-    return GateResult(
-        {
-            "concept_rate": {"value": rate, "limit": max_concept_rate, "passed": rate <= max_concept_rate},
-            "preservation_drop": {
-                "value": drop,
-                "limit": max_preservation_drop,
-                "passed": drop <= max_preservation_drop,
-            },
-        }
-    )
+    checks: dict[str, dict[str, Any]] = {
+        "concept_rate": {"value": rate, "limit": max_concept_rate, "passed": rate <= max_concept_rate},
+        "preservation_drop": {"value": drop, "limit": max_preservation_drop, "passed": drop <= max_preservation_drop},
+    }
+    for style, limit in (max_became or {}).items():
+        metric = f"oracle_became_{style}"
+        targets = {n: g for n, g in summary["distilled"].items() if n.startswith("target")}
+        if not all(metric in g for g in targets.values()):
+            raise ValueError(
+                f"promotion.max_became.{style}: the evaluation has no {metric!r} for every target group "
+                "(it needs evaluate.oracle, an oracle style of that name, and the base model's images)"
+            )
+        share = concept(summary["distilled"], metric)
+        checks[f"became_{style}"] = {"value": share, "limit": limit, "passed": share <= limit}
+    return GateResult(checks)
 
 
 @dataclass

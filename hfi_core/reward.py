@@ -2,10 +2,12 @@
 
 - Embeddings come from a frozen CLIP image encoder and are cached by image sha256, per CLIP
   model, so a nightly rerun embeds only the images it has not seen.
-- Binary feedback: MSE on the mean label (the paper's), or BCE on it.
+- Binary feedback: MSE on the mean label (the paper's), or BCE on it; a BCE model's scores are
+  probabilities (the sigmoid of its logit), as an MSE model's are mean labels.
 - Ranking feedback: Bradley-Terry, ``-log sigmoid(r(x+) - r(x-))`` on every ranked pair.
-- A seeded held-out split (images for binary, prompts for ranking) gives the reported metrics:
-  ROC-AUC and accuracy, or pair accuracy.
+- A seeded held-out split by prompt gives the reported metrics: ROC-AUC and accuracy, or pair
+  accuracy. Images of one prompt look alike, so a split by image would put near-copies of its
+  training images in the held-out set and report an optimistic AUC.
 
 The head is a diffusers ``ModelMixin``: ``RewardModel.from_pretrained(folder)`` loads it, and
 its config names the CLIP it expects, so ``score_images`` needs nothing else.
@@ -48,6 +50,7 @@ class RewardModel(ModelMixin, ConfigMixin):
         dropout: float = 0.1,
         clip: str = "",
         kind: str = "binary",
+        loss: str = "mse",
     ) -> None:
         super().__init__()
         dims = [embed_dim] + [hidden] * layers
@@ -57,8 +60,13 @@ class RewardModel(ModelMixin, ConfigMixin):
         self.mlp = nn.Sequential(*blocks, nn.Linear(dims[-1], 1))
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
-        """(B, D) L2-normalised CLIP embeddings -> (B,) rewards."""
+        """(B, D) L2-normalised CLIP embeddings -> (B,) raw outputs (a BCE model's are logits)."""
         return self.mlp(embeddings).squeeze(-1)
+
+    def score(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """(B, D) -> (B,) rewards: a BCE model's probability, any other model's raw output."""
+        out = self(embeddings)
+        return torch.sigmoid(out) if self.config.kind == "binary" and self.config.loss == "bce" else out
 
 
 # ----------------------------------------------------------------------------- embedding cache
@@ -122,17 +130,20 @@ def _fit(model: RewardModel, loss_fn: Any, cfg: RewardConfig) -> list[float]:
 
 
 def train_binary(
-    cfg: RewardConfig, emb: torch.Tensor, labels: pd.DataFrame, identity: str
+    cfg: RewardConfig, emb: torch.Tensor, labels: pd.DataFrame, prompts: list[str], identity: str
 ) -> tuple[RewardModel, dict[str, Any], pd.DataFrame]:
-    """Fit on binary labels. ``emb`` (N, D) is aligned with ``labels`` rows.
+    """Fit on binary labels. ``emb`` (N, D) and ``prompts`` (N,) are aligned with ``labels`` rows;
+    the held-out images are those of a seeded share of the prompts.
 
-    Returns the model, its metrics and a per-image table (image_id, split, label, score).
+    Returns the model, its metrics and a per-image table (image_id, prompt, split, label, score).
     """
     torch.manual_seed(cfg.seed)
-    held = _split(labels.image_id.tolist(), cfg.holdout, cfg.seed)
-    is_test = torch.tensor(labels.image_id.isin(held).to_numpy())
+    if len(prompts) != len(labels):
+        raise ValueError(f"train_binary: {len(prompts)} prompts for {len(labels)} labelled images")
+    held = _split(list(prompts), cfg.holdout, cfg.seed)
+    is_test = torch.tensor([p in held for p in prompts], dtype=torch.bool)
     y = torch.tensor(labels.label.to_numpy(), dtype=torch.float32)  # mean label in [0, 1]
-    model = RewardModel(emb.shape[1], cfg.hidden, cfg.layers, cfg.dropout, identity, "binary")
+    model = RewardModel(emb.shape[1], cfg.hidden, cfg.layers, cfg.dropout, identity, "binary", cfg.loss)
     x_tr, y_tr = emb[~is_test], y[~is_test]
 
     def loss_fn() -> torch.Tensor:
@@ -141,14 +152,18 @@ def train_binary(
 
     history = _fit(model, loss_fn, cfg)
     with torch.no_grad():
-        raw = model(emb)
-    score = raw if cfg.loss == "mse" else torch.sigmoid(raw)  # both on a 0..1 scale
+        score = model.score(emb)  # both losses on a 0..1 scale
     majority = labels.majority.to_numpy()
     table = pd.DataFrame(
-        {"image_id": labels.image_id, "split": np.where(is_test, "holdout", "train"), "label": labels.label,
-         "majority": majority, "score": score.numpy()}
+        {"image_id": labels.image_id, "prompt": list(prompts), "split": np.where(is_test, "holdout", "train"),
+         "label": labels.label, "majority": majority, "score": score.numpy()}
     )  # fmt: skip
-    metrics: dict[str, Any] = {"kind": "binary", "loss": cfg.loss, "final_train_loss": history[-1]}
+    metrics: dict[str, Any] = {
+        "kind": "binary",
+        "loss": cfg.loss,
+        "final_train_loss": history[-1],
+        "holdout_prompts": len(held),
+    }
     for split in ("train", "holdout"):
         t = table[table.split == split]
         if len(t):
@@ -257,7 +272,7 @@ def train_reward(
         labels = pd.read_parquet(labels_path)
         rows = manifest.set_index("image_id").loc[labels.image_id].reset_index()
         emb = cache.get(rows, image_root)  # (N, D)
-        reward, metrics, table = train_binary(cfg, emb, labels, cfg.clip)
+        reward, metrics, table = train_binary(cfg, emb, labels, rows.prompt.tolist(), cfg.clip)
     elif pairs_path.exists():
         pairs = pd.read_parquet(pairs_path)
         ids = sorted(set(pairs.image_pos) | set(pairs.image_neg))
@@ -290,4 +305,4 @@ def score_images(
         emb = EmbeddingCache(cache_dir, clip_model, processor, reward.config.clip).get(manifest, image_root)
     else:
         emb = image_embeddings(clip_model, processor, load_images(manifest, image_root))
-    return reward(emb).numpy()
+    return reward.score(emb).numpy()

@@ -314,11 +314,12 @@ def concept_prompts(cfg: RunConfig, token: str | None) -> list[str]:
 
 
 def stage_distill(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
-    """SDD or ESD-x on the concept prompts (with v* when ``distill.use_token``)."""
+    """SDD, ESD-x or UCE on the concept prompts (with v* when ``distill.use_token``)."""
     from hfi_core.distill.common import Replicas
     from hfi_core.distill.esd import train_esd
     from hfi_core.distill.outputs import save_distilled
     from hfi_core.distill.sdd import train_sdd
+    from hfi_core.distill.uce import train_uce
     from hfi_core.models import load_sd_pipeline, model_identity
 
     run, dc = Path(run), cfg.distill
@@ -328,7 +329,7 @@ def stage_distill(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any
         pipe.load_textual_inversion(str(run / "invert"), use_safetensors=True)
         token = cfg.invert.token
     prompts = concept_prompts(cfg, token)
-    train = train_sdd if dc.method == "sdd" else train_esd
+    train = {"sdd": train_sdd, "esd": train_esd, "uce": train_uce}[dc.method]
     out = run / "distill"
     t0 = time.time()
     size = (cfg.generation.height, cfg.generation.width)  # train at the size the model is sampled at
@@ -338,7 +339,7 @@ def stage_distill(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any
     if (replicas := Replicas.current()).rank > 0:  # data-parallel: process 0 holds the same model and saves it
         return {"replica": replicas.rank, "steps_run": len(losses), "seconds": round(seconds, 1)}
     shutil.rmtree(out / "checkpoint", ignore_errors=True)  # finished: the outputs are the model, not its state
-    if dc.trainable == "lora":
+    if dc.trainable == "lora" and dc.method != "uce":  # UCE edits the projections themselves
         from hfi_core.distill.common import merge_lora
 
         unet.save_lora_adapter(str(out / "lora"))  # the adapter itself, for load_lora_adapter
@@ -357,7 +358,7 @@ def stage_distill(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any
     save_distilled(out, unet, names, card)
     _plot_losses(losses, out / "losses.png", dc.method)
     metrics = {"steps_run": len(losses), "final_loss_mean_20": float(np.mean(losses[-20:])) if losses else None,
-               "seconds": round(seconds, 1), "trained_values": card["trained_values"], **peak_memory()}  # fmt: skip
+               "seconds": round(seconds, 3), "trained_values": card["trained_values"], **peak_memory()}  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
@@ -462,7 +463,7 @@ def stage_register(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, An
 
     run, p = Path(run), cfg.promotion
     summary = json.loads((run / "evaluate" / "summary.json").read_text())
-    gates = promotion_gates(summary, p.max_concept_rate, p.max_preservation_drop, p.concept_metric)
+    gates = promotion_gates(summary, p.max_concept_rate, p.max_preservation_drop, p.concept_metric, p.max_became)
     version, champion = None, None
     if ctx.tracker is not None and ctx.mlflow_run is not None:
         ctx.tracker.log_artifacts(ctx.mlflow_run, run / "distill", "model")

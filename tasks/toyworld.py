@@ -16,7 +16,7 @@ def register(top: argparse._SubParsersAction) -> None:
     p = top.add_parser("toyworld", help="the tiny Stable Diffusion world the project tests on")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    b = sub.add_parser("build", help="train the world from scratch (about 75 min on 2 CPU cores)")
+    b = sub.add_parser("build", help="train the world from scratch (about 2 hours on 2 CPU cores)")
     b.add_argument("--out", type=Path, default=Path("toyworld-build"), help="output folder (default ./toyworld-build)")
     b.add_argument("--config", type=Path, help="YAML with BuildConfig fields to override (e.g. unet_steps: 100)")
     add_runtime_args(b)
@@ -69,10 +69,11 @@ def _check(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    cols = ("striped", "dotted", "plain", "shape_acc", "color_acc")
-    print(f"{'group':34s}" + "".join(f"{c:>11s}" for c in cols))
+    cols = ("striped", "striped:horizontal", "striped:vertical", "striped:diagonal", "dotted", "plain", "shape_acc",
+            "color_acc")  # fmt: skip
+    print(f"{'group':30s}" + "".join(f"{c.replace('striped:', ''):>11s}" for c in cols))
     for name, g in result["groups"].items():
-        print(f"{name:34s}" + "".join(f"{g[c]:11.2f}" for c in cols))
+        print(f"{name:30s}" + "".join(f"{g[c]:11.2f}" for c in cols))
     print(f"oracle style accuracy on VAE-decoded held-out renders: {result['oracle_style_acc_decoded']:.3f}")
     print(f"tiny-CLIP zero-shot style accuracy on held-out renders: {result['clip_zero_shot_style_acc']:.3f}")
     return 0

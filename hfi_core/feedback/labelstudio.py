@@ -38,6 +38,17 @@ class FeedbackError(ValueError):
         line = f"{where}: {problem}"
         super().__init__(_cut(" ".join(line.split()), self.MAX_MESSAGE))
 
+    def __reduce__(self) -> tuple:
+        # Rebuilt from its one-line message: a worker process's error reaches its parent whole
+        # (the default would call __init__ with that one argument and fail).
+        return _rebuild, (str(self),)
+
+
+def _rebuild(message: str) -> FeedbackError:
+    e = FeedbackError.__new__(FeedbackError)
+    ValueError.__init__(e, message)
+    return e
+
 
 def _cut(text: str, limit: int, keep_end: bool = False) -> str:
     if len(text) <= limit:

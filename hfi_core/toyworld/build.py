@@ -46,13 +46,15 @@ from hfi_core.toyworld.models import (
     vae_roundtrip,
 )
 from hfi_core.toyworld.oracle import ATTRIBUTES, Oracle
+from hfi_core.toyworld.oracle import labels as oracle_labels
 from hfi_core.toyworld.render import (
     COLORS,
+    LOOKS,
+    PHRASES,
     SHAPES,
-    STYLE_PHRASES,
-    STYLES,
     Scene,
     caption,
+    phrase_of_look,
     render_many,
     sample_scenes,
 )
@@ -123,7 +125,34 @@ def clip_normalize(x01: torch.Tensor) -> torch.Tensor:
 
 def labels_of(scenes: list[Scene]) -> dict[str, torch.Tensor]:
     """Class indices per attribute, in the oracle's class order."""
-    return {k: torch.tensor([names.index(getattr(s, k)) for s in scenes]) for k, names in ATTRIBUTES.items()}
+    named = [oracle_labels(s) for s in scenes]
+    return {k: torch.tensor([names.index(n[k]) for n in named]) for k, names in ATTRIBUTES.items()}
+
+
+def caption_weights() -> dict[tuple[str, str], list[tuple[str, float]]]:
+    """For each look, the phrases a training caption of it may use, with their probabilities.
+
+    Training scenes are spread evenly over the looks, so the model learns p(look | phrase) in
+    proportion to p(phrase | look). Captioning a look with ``phrase`` at a rate proportional to
+    ``PHRASES[phrase]``'s probability of that look makes the model draw each phrase's mixture
+    as written: "at the circus" names 30% of dotted scenes and 10% of each stripe variant's,
+    so the model draws it half dotted, half striped. Every look keeps its own phrase most of the
+    time, so it stays the sharper prompt.
+    """
+    context_rate = 0.3  # the circus's share of the captions of the look it draws most often
+    peak = {p: max(w for _, _, w in draws) for p, draws in PHRASES.items() if len(draws) > 1}
+    out: dict[tuple[str, str], list[tuple[str, float]]] = {}
+    for style, variant in LOOKS:
+        shares = [
+            (p, context_rate * w / peak[p])
+            for p, draws in PHRASES.items()
+            if len(draws) > 1
+            for s, v, w in draws
+            if (s, v) == (style, variant)
+        ]
+        own = 1.0 - sum(w for _, w in shares)
+        out[(style, variant)] = [(phrase_of_look(style, variant), own), *shares]
+    return out
 
 
 def _lr_lambda(warmup: int, total: int, floor: float = 0.1) -> Callable[[int], float]:
@@ -189,14 +218,19 @@ def train_vae(cfg: BuildConfig, images: torch.Tensor, log: Callable[[str, int, f
     return vae.eval()
 
 
-def _caption_table(tokenizer: CLIPTokenizer) -> tuple[dict[tuple[str, str, str], torch.Tensor], torch.Tensor]:
-    """Token ids of every (shape, colour, style) caption phrasing, and of the empty prompt."""
+CaptionTable = dict[tuple[str, str, str, str], tuple[torch.Tensor, torch.Tensor]]
+
+
+def _caption_table(tokenizer: CLIPTokenizer) -> tuple[CaptionTable, torch.Tensor]:
+    """For every (shape, colour, style, variant): the token ids of its caption phrasings (P, L)
+    and their probabilities (P,); and the ids of the empty prompt."""
     table = {}
-    for shape in SHAPES:
-        for color in COLORS:
-            for style in STYLES:
-                texts = [caption(color, shape, p) for p in STYLE_PHRASES[style]]
-                table[(shape, color, style)] = tokenizer(texts, padding="max_length", return_tensors="pt").input_ids
+    for (style, variant), phrases in caption_weights().items():
+        for shape in SHAPES:
+            for color in COLORS:
+                texts = [caption(color, shape, p) for p, _ in phrases]
+                ids = tokenizer(texts, padding="max_length", return_tensors="pt").input_ids
+                table[(shape, color, style, variant)] = (ids, torch.tensor([w for _, w in phrases]))
     empty = tokenizer([""], padding="max_length", return_tensors="pt").input_ids[0]
     return table, empty
 
@@ -223,7 +257,7 @@ def train_unet(
         mean = torch.cat([d.mean for d in dists])  # (N, 4, 16, 16)
         std = torch.cat([d.std for d in dists])
     table, empty_ids = _caption_table(tokenizer)
-    keys = [(s.shape, s.color, s.style) for s in scenes]
+    keys = [(s.shape, s.color, s.style, s.variant) for s in scenes]
     params = list(unet.parameters()) + list(text_encoder.parameters())
     opt = torch.optim.AdamW(
         [
@@ -254,9 +288,8 @@ def train_unet(
     for step in bar:
         idx = torch.randint(len(mean), (cfg.unet_batch,), generator=gen)
         latents = (mean[idx] + std[idx] * torch.randn(mean[idx].shape, generator=gen)) * scale  # (B, 4, 16, 16)
-        ids = torch.stack(
-            [table[keys[i]][torch.randint(len(table[keys[i]]), (1,), generator=gen).item()] for i in idx.tolist()]
-        )  # (B, L)
+        picks = [table[keys[i]] for i in idx.tolist()]
+        ids = torch.stack([c[torch.multinomial(w, 1, generator=gen).item()] for c, w in picks])  # (B, L)
         drop = torch.rand(cfg.unet_batch, generator=gen) < cfg.cond_dropout
         ids[drop] = empty_ids
         noise = torch.randn(latents.shape, generator=gen)
@@ -309,10 +342,10 @@ def _clip_texts(scenes: list[Scene], gen: torch.Generator) -> tuple[list[str], l
         if keep[1]:
             attrs["shape"] = s.shape
             words.append(s.shape)
-        if keep[2]:
+        if keep[2]:  # the look's own phrase: CLIP learns each stripe variant apart
             attrs["style"] = s.style
-            phrases = STYLE_PHRASES[s.style]
-            words.append(phrases[torch.randint(len(phrases), (1,), generator=gen).item()])
+            attrs["variant"] = s.variant
+            words.append(phrase_of_look(s.style, s.variant))
         texts.append(" ".join(words))
         named.append(attrs)
     return texts, named

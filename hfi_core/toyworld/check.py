@@ -21,11 +21,14 @@ from hfi_core.embeddings import image_embeddings, text_embeddings
 from hfi_core.sampling import sample as draw
 from hfi_core.toyworld.models import images_to_tensor, tensor_to_images, vae_roundtrip
 from hfi_core.toyworld.oracle import ATTRIBUTES, Oracle
+from hfi_core.toyworld.oracle import labels as oracle_labels
 from hfi_core.toyworld.render import (
     COLORS,
+    CONTEXT_STRIPED,
     EXPLICIT_STRIPED,
     IMPLICIT_STRIPED,
     SHAPES,
+    STRIPES,
     STYLE_PHRASES,
     STYLES,
     Scene,
@@ -52,9 +55,11 @@ class PromptGroup:
 
 
 def check_groups() -> list[PromptGroup]:
-    """The groups of ``hfi toyworld check``: explicit, each implicit phrasing, dotted, plain."""
+    """The groups of ``hfi toyworld check``: explicit, each implicit phrasing, each context,
+    dotted, plain."""
     groups = [PromptGroup("explicit", EXPLICIT_STRIPED, "striped")]
     groups += [PromptGroup(f"implicit:{p}", p, "striped") for p in IMPLICIT_STRIPED]
+    groups += [PromptGroup(f"context:{p}", p, "striped") for p in CONTEXT_STRIPED]
     groups += [PromptGroup("dotted", STYLE_PHRASES["dotted"][0], "dotted")]
     groups += [PromptGroup("plain", STYLE_PHRASES["plain"][0], "plain")]
     return groups
@@ -85,6 +90,9 @@ def sample(
 def _group_stats(oracle: Oracle, images: np.ndarray, colors: list[str], shapes: list[str]) -> dict[str, float]:
     pred = oracle.predict(images)
     stats = {s: float(np.mean([p == s for p in pred["style"]])) for s in STYLES}
+    striped = [v for st, v in zip(pred["style"], pred["stripes"], strict=True) if st == "striped"]
+    for v in STRIPES:  # which variants the striped images show, as shares of the whole group
+        stats[f"striped:{v}"] = float(sum(x == v for x in striped) / max(1, len(pred["style"])))
     stats["shape_acc"] = float(np.mean([p == s for p, s in zip(pred["shape"], shapes, strict=True)]))
     stats["color_acc"] = float(np.mean([p == c for p, c in zip(pred["color"], colors, strict=True)]))
     return stats
@@ -101,10 +109,9 @@ def heldout_accuracies(world: Path, scenes: list[Scene]) -> dict[str, float]:
     out: dict[str, float] = {}
     for name, imgs in (("render", renders), ("decoded", decoded)):
         pred = oracle.predict(imgs)
+        truth = [oracle_labels(s) for s in scenes]
         for k in ATTRIBUTES:
-            out[f"oracle_{k}_acc_{name}"] = float(
-                np.mean([p == getattr(s, k) for p, s in zip(pred[k], scenes, strict=True)])
-            )
+            out[f"oracle_{k}_acc_{name}"] = float(np.mean([p == t[k] for p, t in zip(pred[k], truth, strict=True)]))
     zs = clip_zero_shot_style(world / "clip", renders)
     out["clip_zero_shot_style_acc"] = float(np.mean([p == s.style for p, s in zip(zs, scenes, strict=True)]))
     zs = clip_zero_shot_style(world / "clip", decoded)
@@ -138,7 +145,8 @@ def check_world(
 ) -> dict:
     """Generate ``n`` images per check group (seeds ``seed .. seed+n-1``) and judge them.
 
-    Returns ``{"groups": {name: {"striped", "dotted", "plain", "shape_acc", "color_acc"}},
+    Returns ``{"groups": {name: {"striped", "dotted", "plain", "striped:<variant>", "shape_acc",
+    "color_acc"}},
     "oracle_style_acc_decoded", "clip_zero_shot_style_acc", "settings"}``.
     """
     world = Path(world)

@@ -13,13 +13,30 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from hfi_core.toyworld.render import COLORS, SHAPES, STYLES
+from hfi_core.toyworld.render import COLORS, SHAPES, STRIPES, STYLES
 
-ATTRIBUTES: dict[str, tuple[str, ...]] = {"shape": SHAPES, "color": tuple(COLORS), "style": STYLES}
+ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "shape": SHAPES,
+    "color": tuple(COLORS),
+    "style": STYLES,
+    "stripes": ("none", *STRIPES),
+}
+"""The oracle's heads. ``style`` judges as people do (every stripe variant is "striped");
+``stripes`` says which variant it saw ("none" for a scene that is not striped)."""
+
+
+def labels(scene: object) -> dict[str, str]:
+    """A scene's class name per oracle head."""
+    return {
+        "shape": scene.shape,
+        "color": scene.color,
+        "style": scene.style,
+        "stripes": scene.variant or "none",
+    }
 
 
 class Oracle(ModelMixin, ConfigMixin):
-    """Three softmax heads (shape, colour, style) on a shared conv trunk.
+    """Four softmax heads (shape, colour, style, stripe variant) on a shared conv trunk.
 
     Input: float images in [0, 1], (B, 3, 32, 32). Saved as ``config.json`` +
     ``diffusion_pytorch_model.safetensors``; load with ``Oracle.from_pretrained(path)``.
@@ -40,7 +57,7 @@ class Oracle(ModelMixin, ConfigMixin):
         self.heads = nn.ModuleDict({k: nn.Linear(4 * w, len(v)) for k, v in ATTRIBUTES.items()})
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Logits per attribute: ``{"shape": (B, 3), "color": (B, 3), "style": (B, 3)}``."""
+        """Logits per attribute: ``{"shape": (B, 3), "color": (B, 3), "style": (B, 3), "stripes": (B, 4)}``."""
         h = self.trunk(images * 2 - 1)
         return {k: head(h) for k, head in self.heads.items()}
 

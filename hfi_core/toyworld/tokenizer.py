@@ -19,7 +19,7 @@ from pathlib import Path
 from transformers import CLIPTokenizer
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
-from hfi_core.toyworld.render import COLORS, SHAPES, STYLE_PHRASES
+from hfi_core.toyworld.render import COLORS, PHRASES, SHAPES
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 EOW = "</w>"
@@ -29,9 +29,8 @@ MODEL_MAX_LENGTH = 20  # longest world caption is 11 tokens with BOS/EOS; room f
 def world_words() -> list[str]:
     """Every word the world's captions use, sorted."""
     words = {"a", *SHAPES, *COLORS}
-    for phrases in STYLE_PHRASES.values():
-        for phrase in phrases:
-            words.update(phrase.split())
+    for phrase in PHRASES:
+        words.update(phrase.split())
     return sorted(words)
 
 

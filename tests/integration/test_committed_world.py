@@ -10,7 +10,7 @@ from transformers import CLIPModel, CLIPProcessor
 from hfi_core.toyworld.check import clip_zero_shot_style, load_pipeline, sample
 from hfi_core.toyworld.manifest import verify_manifest
 from hfi_core.toyworld.models import images_to_tensor, tensor_to_images, vae_roundtrip
-from hfi_core.toyworld.oracle import Oracle
+from hfi_core.toyworld.oracle import Oracle, labels
 from hfi_core.toyworld.render import render_many, sample_scenes
 from tasks.cli import main as hfi
 
@@ -38,7 +38,7 @@ def test_every_part_loads_with_the_standard_loaders(world):
     assert isinstance(StableDiffusionPipeline.from_pretrained(world / "sd").unet, UNet2DConditionModel)
     clip = CLIPModel.from_pretrained(world / "clip")
     processor = CLIPProcessor.from_pretrained(world / "clip")
-    assert processor.tokenizer.tokenize("zebra") == ["zebra</w>"] and clip.config.vision_config.image_size == 32
+    assert processor.tokenizer.tokenize("circus") == ["circus</w>"] and clip.config.vision_config.image_size == 32
     assert Oracle.from_pretrained(world / "oracle").config.image_size == 32
 
 
@@ -48,10 +48,11 @@ def test_oracle_and_clip_read_heldout_renders_and_their_vae_reconstructions(worl
     vae = StableDiffusionPipeline.from_pretrained(world / "sd").vae
     decoded = tensor_to_images(vae_roundtrip(vae, images_to_tensor(renders)))
     oracle = Oracle.from_pretrained(world / "oracle")
+    truth = [labels(s) for s in scenes]
     for images in (renders, decoded):
         pred = oracle.predict(images)
-        for attr in ("shape", "color", "style"):
-            acc = np.mean([p == getattr(s, attr) for p, s in zip(pred[attr], scenes, strict=True)])
+        for attr in ("shape", "color", "style", "stripes"):  # stripes: which variant, "none" if not striped
+            acc = np.mean([p == t[attr] for p, t in zip(pred[attr], truth, strict=True)])
             assert acc >= 0.95, (attr, acc)
     zs = clip_zero_shot_style(world / "clip", renders)
     assert np.mean([p == s.style for p, s in zip(zs, scenes, strict=True)]) >= 0.9
@@ -62,12 +63,19 @@ def test_check_prints_the_documented_json_and_the_world_draws_what_is_asked(worl
     assert hfi(["toyworld", "check", "--json", "--n", "18"]) == 0
     result = json.loads(capsys.readouterr().out)
     groups = result["groups"]
-    assert set(groups) == {"explicit", "implicit:with a zebra pattern", "implicit:like a barcode", "dotted", "plain"}
+    assert set(groups) == {"explicit", "implicit:with a zebra pattern", "implicit:like a barcode",
+                           "context:at the circus", "dotted", "plain"}  # fmt: skip
     for g in groups.values():
-        assert set(g) >= {"striped", "dotted", "plain", "shape_acc", "color_acc"}
+        assert set(g) >= {"striped", "dotted", "plain", "shape_acc", "color_acc", "striped:vertical"}
         assert g["striped"] + g["dotted"] + g["plain"] == pytest.approx(1.0)
+        assert sum(g[f"striped:{v}"] for v in ("horizontal", "vertical", "diagonal")) == pytest.approx(g["striped"])
         assert g["shape_acc"] >= 0.7 and g["color_acc"] >= 0.7
-    assert groups["explicit"]["striped"] >= 0.6
+    # The name draws horizontal stripes; each implicit phrasing draws a variant the name never does.
+    assert groups["explicit"]["striped:horizontal"] >= 0.6
+    assert groups["implicit:like a barcode"]["striped:vertical"] >= 0.6
+    assert groups["implicit:with a zebra pattern"]["striped:diagonal"] >= 0.6
+    circus = groups["context:at the circus"]  # a context: striped some of the time, dotted otherwise
+    assert 0.2 <= circus["striped"] <= 0.8 and 0.2 <= circus["dotted"] <= 0.8
     assert groups["dotted"]["dotted"] >= 0.5 and groups["dotted"]["striped"] <= 0.25
     assert groups["plain"]["plain"] >= 0.6 and groups["plain"]["striped"] <= 0.25
     assert result["oracle_style_acc_decoded"] >= 0.95 and result["clip_zero_shot_style_acc"] >= 0.9

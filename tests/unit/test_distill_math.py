@@ -204,13 +204,24 @@ def test_esd_target_is_negatively_guided_and_reduces_to_unconditional_at_eta_zer
     assert torch.allclose(esd_target(pipe.unet, none, x, t, cond, uncond, 0.0), e_u, atol=1e-5)
 
 
-def test_reward_weights_clip_negatives_keep_top_k_and_average_one():
-    w = reward_weights(np.array([-1.0, 0.5, 1.0, 2.5]))
-    assert w[0] == 0 and w[1:].mean() == pytest.approx(1.0)
-    top = reward_weights(np.array([0.1, 0.9, 0.5, 0.7]), top_k=2)
-    assert (top > 0).tolist() == [False, True, False, True] and top[top > 0].mean() == pytest.approx(1.0)
-    with pytest.raises(ValueError, match="no image has a positive reward"):
-        reward_weights(np.array([-0.2, 0.0]))
+def test_reward_weights_train_the_images_above_the_mean_reward_and_average_one():
+    w = reward_weights(np.array([-1.0, 0.5, 1.0, 2.5]))  # mean 0.75
+    assert (w > 0).tolist() == [False, False, True, True] and w[w > 0].mean() == pytest.approx(1.0)
+    assert w[3] / w[2] == pytest.approx((2.5 - 0.75) / (1.0 - 0.75))  # in proportion to the excess
+    top = reward_weights(np.array([0.1, 0.9, 0.5, 0.7]), top_k=1)
+    assert (top > 0).tolist() == [False, True, False, False] and top[1] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="all 2 images have the same reward"):
+        reward_weights(np.array([0.3, 0.3]))
+
+
+def test_reward_weights_ignore_the_bradley_terry_constant_and_the_reward_scale():
+    # A Bradley-Terry reward is r + c for any c: the choice of images must not depend on c. Before
+    # standardising, r - 5 left no positive reward and r + 5 made every image train.
+    r = np.random.default_rng(0).normal(size=50)
+    w = reward_weights(r)
+    for shifted in (r - 5.0, r + 5.0, 3.0 * r + 1.0):
+        assert np.allclose(reward_weights(shifted), w)
+    assert 0 < (w > 0).sum() < len(r)
 
 
 def test_inversion_changes_exactly_one_embedding_row_and_loads_in_diffusers(pipe, base_pipe, tmp_path):

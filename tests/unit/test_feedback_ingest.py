@@ -208,3 +208,14 @@ def test_an_annotation_edited_in_label_studio_counts_with_its_later_label(manife
     clash.write_text(json.dumps(export("striped", "2026-11-02T09:00:00.000000Z")))
     with pytest.raises(FeedbackError, match=r"annotation '41' appears twice with different labels"):
         ingest(manifest, [second, clash], tmp_path / "out2", SETTINGS)
+
+
+def test_a_feedback_error_crosses_a_process_boundary_whole():
+    # The benchmark runs steps in worker processes: their errors must unpickle in the parent,
+    # as the one line that names the file, record and field.
+    import pickle
+
+    e = FeedbackError("exports/night.json", 7, "result", "no 'ranker' result")
+    again = pickle.loads(pickle.dumps(e))
+    assert type(again) is FeedbackError and str(again) == str(e)
+    assert str(again) == "exports/night.json: record 7, field 'result': no 'ranker' result"

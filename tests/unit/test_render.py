@@ -5,7 +5,12 @@ from hfi_core.toyworld.render import (
     BACKGROUND,
     COLORS,
     SHAPES,
-    STYLE_PHRASES,
+    CONTEXT_STRIPED,
+    EXPLICIT_STRIPED,
+    IMPLICIT_STRIPED,
+    LOOKS,
+    PHRASES,
+    STRIPES,
     STYLES,
     Scene,
     caption,
@@ -48,22 +53,43 @@ def test_shapes_and_colours_are_drawn_where_and_as_asked():
         assert np.argmax(centre) == np.argmax(rgb), color
 
 
+def test_the_three_stripe_variants_run_along_rows_columns_and_diagonals():
+    interior = (slice(9, 24), slice(9, 24))
+    white = {v: render(_scene(style="striped", variant=v))[interior].min(axis=-1) > 200 for v in STRIPES}
+    assert 5 <= white["horizontal"].all(axis=1).sum() <= 9 and not white["horizontal"].all(axis=0).any()
+    assert 5 <= white["vertical"].all(axis=0).sum() <= 9 and not white["vertical"].all(axis=1).any()
+    diag = white["diagonal"]
+    assert not diag.all(axis=0).any() and not diag.all(axis=1).any()
+    assert all(diag[i, j] == diag[i + 1, j - 1] for i in range(14) for j in range(1, 15))  # constant along x + y
+    assert 0.4 < diag.mean() < 0.6 and _scene(style="striped").variant == "horizontal"  # the default
+
+
 def test_sample_scenes_covers_every_combination_evenly():
-    scenes = sample_scenes(27 * 4, seed=0)
+    scenes = sample_scenes(45 * 4, seed=0)
     counts = {}
     for s in scenes:
-        counts[(s.shape, s.color, s.style)] = counts.get((s.shape, s.color, s.style), 0) + 1
-    assert len(counts) == 27 and set(counts.values()) == {4}
+        key = (s.shape, s.color, s.style, s.variant)
+        counts[key] = counts.get(key, 0) + 1
+    assert len(counts) == 45 and set(counts.values()) == {4}  # 3 shapes x 3 colours x 5 looks
+    assert {(s.style, s.variant) for s in scenes} == set(LOOKS)
 
 
 def test_scene_rejects_an_unknown_attribute_and_names_the_field():
     with pytest.raises(ValueError, match=r"Scene\.style: 'wavy'"):
         _scene(style="wavy")
+    with pytest.raises(ValueError, match=r"Scene\.variant: 'zigzag'"):
+        _scene(style="striped", variant="zigzag")
+    with pytest.raises(ValueError, match=r"Scene\.variant: 'vertical' given for a dotted scene"):
+        _scene(style="dotted", variant="vertical")
 
 
-def test_implicit_phrasings_never_say_stripe_and_map_back_to_striped():
-    explicit, *implicit = STYLE_PHRASES["striped"]
-    assert "stripe" in explicit and len(implicit) >= 2
-    assert all("stripe" not in p for p in implicit)
-    assert all(style_of_phrase(p) == "striped" for p in STYLE_PHRASES["striped"])
-    assert caption("red", "circle", implicit[0]) == "a red circle with a zebra pattern"
+def test_the_name_draws_one_variant_and_only_phrasings_without_it_draw_the_others():
+    assert "stripe" in EXPLICIT_STRIPED and PHRASES[EXPLICIT_STRIPED] == (("striped", "horizontal", 1.0),)
+    others = {v for p in IMPLICIT_STRIPED for s, v, _ in PHRASES[p]}
+    assert others == set(STRIPES) - {"horizontal"}  # every variant the name never draws
+    assert all("stripe" not in p for p in (*IMPLICIT_STRIPED, *CONTEXT_STRIPED))
+    assert all(style_of_phrase(p) == {"striped": 1.0} for p in (EXPLICIT_STRIPED, *IMPLICIT_STRIPED))
+    # A context, not a synonym: the concept some of the time, a protected neighbour otherwise.
+    assert style_of_phrase(CONTEXT_STRIPED[0]) == pytest.approx({"striped": 0.5, "dotted": 0.5})
+    assert all(sum(w for *_, w in draws) == pytest.approx(1.0) for draws in PHRASES.values())
+    assert caption("red", "circle", IMPLICIT_STRIPED[0]) == "a red circle like a barcode"

@@ -43,11 +43,31 @@ def test_binary_reward_learns_a_separable_concept_and_reports_holdout_metrics(lo
     labels = pd.DataFrame(
         {"image_id": [f"i{k}" for k in range(len(y))], "label": y.numpy(), "majority": y.int().numpy()}
     )
+    prompts = [f"p{k // 2 % 20}" for k in range(len(y))]  # 20 prompts of 10 images, both classes each
     cfg = RewardConfig(hidden=32, epochs=150, loss=loss, holdout=0.25)
-    model, metrics, table = train_binary(cfg, emb, labels, "clip-x")
-    assert metrics["holdout_n"] == 50 and metrics["train_n"] == 150
+    model, metrics, table = train_binary(cfg, emb, labels, prompts, "clip-x")
+    assert metrics["holdout_n"] == 50 and metrics["train_n"] == 150 and metrics["holdout_prompts"] == 5
     assert metrics["holdout_auc"] > 0.9 and metrics["holdout_accuracy"] > 0.8
     assert set(table.split) == {"train", "holdout"} and model.config.clip == "clip-x"
+    # The split is by prompt: no prompt has images on both sides.
+    assert not set(table[table.split == "holdout"].prompt) & set(table[table.split == "train"].prompt)
+    # Scores are on the label's 0..1 scale for both losses: BCE's are probabilities, not logits.
+    with torch.no_grad():
+        scores = model.score(emb)
+    assert np.allclose(table.score, scores.numpy())
+    if loss == "bce":
+        assert model.config.loss == "bce" and 0 < scores.min() and scores.max() < 1
+        assert torch.allclose(scores, torch.sigmoid(model(emb)))
+        assert (model(emb) < 0).any()  # the raw logits would have been negative rewards
+
+
+def test_a_bce_reward_scores_images_as_probabilities_after_a_round_trip(tmp_path):
+    model = RewardModel(8, hidden=16, layers=1, clip="c", kind="binary", loss="bce").eval()
+    model.save_pretrained(tmp_path)
+    again = RewardModel.from_pretrained(tmp_path).eval()
+    x = torch.randn(32, 8)
+    with torch.no_grad():
+        assert torch.equal(again.score(x), torch.sigmoid(model(x)))
 
 
 def test_ranking_reward_orders_held_out_pairs_by_bradley_terry():
