@@ -13,8 +13,9 @@ images, then
 each evaluated by ``evaluation.evaluate`` on **held-out prompts** (``evaluation_prompts``: colour
 and shape combinations that no feedback, token, anchor or tuning run used) and held-out seeds,
 which are never the validation seeds the hyperparameters were chosen on (both are recorded).
-Methods of one family (ESD-x / HFI+ESD-x, SDD / HFI+SDD, UCE / HFI+UCE) share one
-``DistillConfig``: only the prompts differ. Each cell of the report gives the mean over seeds,
+Methods of one family (ESD-x / HFI+ESD-x, SDD / HFI+SDD, UCE / HFI+UCE) start from one
+``DistillConfig``; ``hfi bench tune`` (``benchmarks/tune.py``) then chooses each method's own
+overrides (``tuned``) on validation prompts and seeds, with the same budget for every method. Each cell of the report gives the mean over seeds,
 the min and max, and a 95% Wilson interval on the images pooled over seeds.
 
 The upstream stages and every training run as the pipeline's steps do (``steps.run_step``): a
@@ -100,6 +101,33 @@ class QuickConfig(Section):
     """How many of ``seeds`` run (the first ones)."""
 
 
+class TuningConfig(Section):
+    """``hfi bench tune``: the same budget of candidate settings for every trained method."""
+
+    seed: int = Field(100, ge=0)
+    """The upstream replicate tuned on; never one of the evaluation's ``seeds``."""
+    n_per_group: int = Field(36, ge=1)
+    """Validation images per prompt group (on the run config's prompts, from ``validation_seed``)."""
+    max_drop: float = Field(0.05, ge=0, le=1)
+    """A candidate keeps the rest when no preserve style share, shape or colour accuracy falls by more."""
+    candidates: dict[Family, list[dict[str, Any]]] = {}
+    """Per family, overrides of its settings to try; every family lists as many (the budget)."""
+
+    @model_validator(mode="after")
+    def _equal_budget(self) -> TuningConfig:
+        sizes = {f: len(c) for f, c in self.candidates.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"candidates: every family needs the same number (the same budget), got {sizes}")
+        fields = set(DistillConfig.model_fields)
+        for fam, cands in self.candidates.items():
+            for i, ov in enumerate(cands):
+                if bad := set(ov) - fields:
+                    raise ValueError(f"candidates.{fam}[{i}]: {sorted(bad)} are not distill settings")
+                if {"method", "use_token", "seed"} & set(ov):
+                    raise ValueError(f"candidates.{fam}[{i}]: method, use_token and seed are the benchmark's to set")
+        return self
+
+
 class BenchConfig(Section):
     """``benchmarks/removal.yaml``: the comparison's settings, validated on load."""
 
@@ -129,6 +157,11 @@ class BenchConfig(Section):
     """Evaluation images per prompt group and replicate, at least (rounded up to whole prompts)."""
     quick: QuickConfig = QuickConfig()
     """Settings of ``--quick``."""
+    tuning: TuningConfig = TuningConfig()
+    """How ``hfi bench tune`` chooses each method's settings."""
+    tuned: dict[str, dict[str, Any]] = {}
+    """Per trained method, the overrides ``hfi bench tune`` chose (its ``tuned.yaml``), applied on
+    top of the family's settings; a method without an entry trains with its family's settings."""
 
     @model_validator(mode="after")
     def _check(self) -> BenchConfig:
@@ -138,6 +171,14 @@ class BenchConfig(Section):
             raise ValueError("sdd.method / esd.method / uce.method: the families are 'sdd', 'esd' and 'uce'")
         if len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: {self.seeds} repeats a seed; replicates must be independent")
+        if self.tuning.seed in self.seeds:
+            raise ValueError(f"tuning.seed: {self.tuning.seed} is an evaluation replicate; tune on another")
+        trained = {m.name for m in METHODS if m.family}
+        for name, ov in self.tuned.items():
+            if name not in trained:
+                raise ValueError(f"tuned.{name}: not a trained method ({sorted(trained)})")
+            if {"method", "use_token", "seed"} & set(ov):
+                raise ValueError(f"tuned.{name}: method, use_token and seed are the benchmark's to set")
         return self
 
 
@@ -199,10 +240,14 @@ def ranking_config(cfg: RunConfig, bench: BenchConfig) -> RunConfig:
     return parse(RunConfig, data)
 
 
-def method_config(cfg: RunConfig, bench: BenchConfig, m: Method, quick: bool, seed: int = 0) -> RunConfig:
-    """The run config a method trains with: its family's hyperparameters, token or text, the
-    replicate's seed."""
-    dc = getattr(bench, m.family or "sdd").model_copy(update={"use_token": m.token, "seed": seed})
+def method_config(
+    cfg: RunConfig, bench: BenchConfig, m: Method, quick: bool, seed: int = 0, tuned: bool = True
+) -> RunConfig:
+    """The run config a method trains with: its family's hyperparameters with the method's own
+    tuned overrides (unless ``tuned`` is False), token or text, the replicate's seed."""
+    family = getattr(bench, m.family or "sdd")
+    overrides = bench.tuned.get(m.name, {}) if tuned else {}
+    dc = DistillConfig.model_validate({**family.model_dump(), **overrides, "use_token": m.token, "seed": seed})
     if quick:
         dc = dc.model_copy(update={"steps": bench.quick.distill_steps, "checkpoint_every": 0})
     base = ranking_config(cfg, bench) if m.feedback == "ranking" else cfg
@@ -571,7 +616,7 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
         "claim": "hfi+sdd leaves at most 0.10 on the explicit and every implicit group, in every seed",
         "holds": hfi[worst_max]["max"] <= 0.10, "where": worst_max, "max_seed": hfi[worst_max]["max"],
     })  # fmt: skip
-    keep = [k for k in rows["sd"] if k.endswith("]") and not k.startswith("striped[")] + ["shape_acc", "color_acc"]
+    keep = [k for k in rows["sd"] if k.endswith("]") and not k.startswith("striped")] + ["shape_acc", "color_acc"]
     drops = {k: rows["sd"][k]["mean"] - hfi[k]["mean"] for k in keep}
     out.append({
         "claim": "hfi+sdd keeps dotted, plain, shape and colour within 0.05 of sd",

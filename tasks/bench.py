@@ -35,6 +35,13 @@ def register(top: argparse._SubParsersAction) -> None:
     add_runtime_args(p)
     p.set_defaults(func=_removal)
 
+    t = g.add_parser("tune", help="choose each trained method's settings on validation prompts and seeds")
+    t.add_argument("--out", type=Path, required=True, help="output folder (tuning.md, tuning.json, tuned.yaml)")
+    t.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="benchmark settings (benchmarks/removal.yaml)")
+    t.add_argument("--jobs", type=int, default=2, help="processes training/evaluating side by side (default 2)")
+    add_runtime_args(t)
+    t.set_defaults(func=_tune)
+
 
 def _removal(args: argparse.Namespace) -> int:
     setup_runtime(args)
@@ -52,6 +59,21 @@ def _removal(args: argparse.Namespace) -> int:
     print((args.out / "results.md").read_text())
     print(f"grid: {args.out / 'grid.png'}   MLflow: mlflow ui --backend-store-uri {uri}")
     return 0 if results else 1
+
+
+def _tune(args: argparse.Namespace) -> int:
+    setup_runtime(args)
+    from benchmarks.removal import load_bench_config
+    from benchmarks.tune import run_tuning
+
+    bench, cfg = load_bench_config(args.config)
+    if not bench.tuning.candidates:
+        raise ValueError(f"{args.config}: tuning.candidates is empty; list each family's candidate settings")
+    args.out.mkdir(parents=True, exist_ok=True)
+    run_tuning(cfg, bench, args.out, jobs=args.jobs, threads=threads_for(args))
+    print((args.out / "tuning.md").read_text())
+    print(f"copy {args.out / 'tuned.yaml'} into {args.config} as its `tuned:` section")
+    return 0
 
 
 def _commit() -> str:

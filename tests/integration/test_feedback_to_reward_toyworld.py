@@ -1,4 +1,4 @@
-"""Issue #3's bar: the shipped toy-world config, 3 simulated annotators at 10% noise, about 500
+"""Issue #3's bar: the shipped toy-world config, 3 simulated annotators at 10% noise, 432
 images, through the same stage commands people run (`hfi generate`, `hfi feedback export /
 simulate / ingest`, `hfi reward train`); the reward model's held-out AUC against the oracle's
 truth must be >= 0.95."""
@@ -40,7 +40,7 @@ def run(tmp_path_factory, world):
 def test_export_writes_one_task_per_image_and_a_binary_labeling_config(run):
     tasks = json.loads((run / "publish" / "tasks.json").read_text())
     manifest = pd.read_parquet(run / "generate" / "manifest.parquet")
-    assert len(tasks) == len(manifest) == 540
+    assert len(tasks) == len(manifest) == 432
     assert {t["data"]["image_id"] for t in tasks} == set(manifest.image_id)
     xml = (run / "publish" / "label_config.xml").read_text()
     assert '<Choice value="striped"' in xml and '<Choice value="not striped"' in xml
@@ -49,7 +49,7 @@ def test_export_writes_one_task_per_image_and_a_binary_labeling_config(run):
 
 def test_simulated_labels_have_three_annotators_and_about_ten_percent_disagreement(run):
     labels = pd.read_parquet(run / "feedback" / "labels.parquet")
-    assert len(labels) == 540 and set(labels.n_annotators) == {3}
+    assert len(labels) == 432 and set(labels.n_annotators) == {3}
     # with p = 0.1 per label, an image's 3 votes all agree with probability 0.9^3 + 0.1^3 = 0.73
     unanimous = (labels.agreement == 1).mean()
     assert 0.65 < unanimous < 0.81
@@ -57,7 +57,8 @@ def test_simulated_labels_have_three_annotators_and_about_ten_percent_disagreeme
 
 def test_reward_model_held_out_auc_against_the_oracles_truth_is_at_least_0_95(run):
     metrics = json.loads((run / "reward" / "metrics.json").read_text())
-    assert metrics["embedded"] == 540 and metrics["holdout_n"] == 108
+    # 7 of the 36 prompts (20%) are held out, with all their images: no prompt on both sides
+    assert metrics["embedded"] == 432 and metrics["holdout_n"] == 7 * 12 and metrics["holdout_prompts"] == 7
     scores = pd.read_parquet(run / "reward" / "scores.parquet")
     held = scores[scores.split == "holdout"]
     manifest = (
@@ -73,7 +74,7 @@ def test_reward_model_held_out_auc_against_the_oracles_truth_is_at_least_0_95(ru
 
 
 def test_retraining_with_ten_percent_new_labels_embeds_only_the_new_images(run, tmp_path):
-    # A second night: 54 new images (10%) from another seed, content-addressed into the same
+    # A second night: 42 new images (10%) from another seed, content-addressed into the same
     # image folder, one manifest for both nights, labels ingested beside the first night's.
     from hfi_core.config import load_config
     from hfi_core.feedback.ingest import IngestSettings, ingest
@@ -86,7 +87,7 @@ def test_retraining_with_ten_percent_new_labels_embeds_only_the_new_images(run, 
     prompts = [ps.model_copy(update={"images_per_prompt": 2 if k == 0 else 1}) for k, ps in enumerate(base.prompts)]
     night2 = base.model_copy(update={"prompts": prompts, "generation": base.generation.model_copy(update={"seed": 99})})
     new = pd.read_parquet(generate(night2, tmp_path / "gen", show_progress=False).manifest)
-    assert len(new) == 54  # 18 + 4 x 9
+    assert len(new) == 42  # 12 + 5 x 6
     for uri in new.uri:
         shutil.copyfile(tmp_path / "gen" / uri, run / "generate" / uri)
     both = pd.concat([pd.read_parquet(run / "generate" / "manifest.parquet"), new], ignore_index=True)
@@ -104,10 +105,10 @@ def test_retraining_with_ten_percent_new_labels_embeds_only_the_new_images(run, 
     shutil.copytree(run / "feedback", feedback)  # the first night's raw exports stay in
     settings = IngestSettings(fb.kind, fb.positive_choice, fb.negative_choice, None, fb.max_file_mb)
     ingest(both, [export], feedback, settings)
-    assert len(pd.read_parquet(feedback / "labels.parquet")) == 594
+    assert len(pd.read_parquet(feedback / "labels.parquet")) == 474
     metrics = train_reward(base.reward, both, run / "generate", feedback, tmp_path / "reward2",
                            cache_dir=run / "embedding_cache")  # fmt: skip
-    assert metrics["embedded"] == 54
+    assert metrics["embedded"] == 42
 
 
 def test_reward_score_ranks_striped_images_above_the_rest(run, tmp_path):
@@ -115,7 +116,7 @@ def test_reward_score_ranks_striped_images_above_the_rest(run, tmp_path):
     out = tmp_path / "scores.parquet"
     ok("reward", "score", "--model", str(run / "reward" / "model"), "--manifest", str(m), "--out", str(out))
     scores = pd.read_parquet(out).merge(pd.read_parquet(run / "feedback" / "labels.parquet"), on="image_id")
-    assert len(scores) == 540
+    assert len(scores) == 432
     assert scores[scores.majority == 1].reward.mean() > scores[scores.majority == 0].reward.mean() + 0.5
 
 
@@ -134,7 +135,7 @@ def test_ranking_feedback_trains_a_reward_that_ranks_held_out_images_by_the_orac
     cache = str(ranked / "embedding_cache")
     out = ranked / "reward"
     pairs = pd.read_parquet(ranked / "feedback" / "pairs.parquet")
-    assert len(pairs) == 135 * 3 * 6  # 540 images in 135 tasks of 4, 3 annotators, 6 pairs each
+    assert len(pairs) == 108 * 3 * 6  # 432 images in 108 tasks of 4, 3 annotators, 6 pairs each
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["kind"] == "ranking" and metrics["embedded"] == 0  # every image was cached already
     table = pd.read_parquet(out / "scores.parquet")

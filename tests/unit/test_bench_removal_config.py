@@ -182,3 +182,52 @@ def test_resume_reuses_a_training_step_only_when_its_settings_and_token_match(tm
     assert step_inputs("distill", longer, store, "m")["config"] != inputs["config"]  # a changed setting trains again
     store.mark_success("m/invert", {}, {"learned_embeds.safetensors": "b" * 64})
     assert step_inputs("distill", mcfg, store, "m")["invert"] != inputs["invert"]  # another token trains again
+
+
+def test_tuning_gives_every_method_the_same_budget_and_picks_by_the_stated_rule(tmp_path):
+    from benchmarks.tune import candidate_config, scores, select
+
+    bench, cfg = load_bench_config(BENCH)
+    sizes = {f: len(c) for f, c in bench.tuning.candidates.items()}
+    assert set(sizes) == {"sdd", "esd", "uce"} and len(set(sizes.values())) == 1
+    assert bench.tuning.seed not in bench.seeds
+    m = next(m for m in METHODS if m.name == "uce")
+    c = candidate_config(cfg, bench, m, {"uce_lambda": 1.0})
+    assert c.distill.uce_lambda == 1.0 and c.distill.seed == bench.tuning.seed and c.distill.use_token is False
+    # the rule: lowest worst share among those that keep the rest; else the smallest drop
+    rows = [{"worst": 0.02, "drop": 0.20}, {"worst": 0.10, "drop": 0.01}, {"worst": 0.05, "drop": 0.04}]
+    assert select(rows, 0.05) == 2 and select(rows[:1], 0.05) == 0 and select(rows, 0.001) == 1
+    sd = {"target:x": {"oracle_striped": 1.0, "oracle_shape_acc": 1.0, "oracle_color_acc": 1.0},
+          "preserve:dotted": {"oracle_dotted": 1.0, "oracle_striped": 0.0, "oracle_shape_acc": 1.0,
+                              "oracle_color_acc": 1.0}}  # fmt: skip
+    after = {"target:x": {"oracle_striped": 0.2, "oracle_shape_acc": 1.0, "oracle_color_acc": 0.9},
+             "preserve:dotted": {"oracle_dotted": 0.7, "oracle_striped": 0.0, "oracle_shape_acc": 1.0,
+                                 "oracle_color_acc": 1.0}}  # fmt: skip
+    assert scores(after, sd) == pytest.approx({"worst": 0.2, "drop": 0.3})
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        ({"tuning": {"candidates": {"sdd": [{"lr": 1e-3}], "esd": []}}}, "the same number"),
+        ({"tuning": {"candidates": {"sdd": [{"lr_typo": 1e-3}]}}}, "not distill settings"),
+        ({"tuning": {"seed": 1}}, "tuning.seed: 1 is an evaluation replicate"),
+        ({"tuned": {"sld-max": {"lr": 1e-3}}}, "tuned.sld-max: not a trained method"),
+    ],
+)
+def test_a_tuning_section_that_would_favour_a_method_is_refused(tmp_path, patch, message):
+    data = yaml.safe_load(BENCH.read_text())
+    data.update(patch)
+    data["config"] = str(BENCH.parent / data["config"])
+    bad = tmp_path / "bench.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match=message):
+        load_bench_config(bad)
+
+
+def test_a_methods_tuned_overrides_apply_to_it_alone():
+    bench, cfg = load_bench_config(BENCH)
+    bench = bench.model_copy(update={"tuned": {"hfi+sdd": {"lr": 0.0016}}})
+    by_name = {m.name: m for m in METHODS}
+    assert method_config(cfg, bench, by_name["hfi+sdd"], quick=False).distill.lr == 0.0016
+    assert method_config(cfg, bench, by_name["sdd"], quick=False).distill.lr == bench.sdd.lr
