@@ -15,8 +15,9 @@ and shape combinations that no feedback, token, anchor or tuning run used) and h
 which are never the validation seeds the hyperparameters were chosen on (both are recorded).
 Methods of one family (ESD-x / HFI+ESD-x, SDD / HFI+SDD, UCE / HFI+UCE) start from one
 ``DistillConfig``; ``hfi bench tune`` (``benchmarks/tune.py``) then chooses each method's own
-overrides (``tuned``) on validation prompts and seeds, with the same budget for every method. Each cell of the report gives the mean over seeds,
-the min and max, and a 95% Wilson interval on the images pooled over seeds.
+overrides (``tuned``) on validation prompts and seeds, with the same budget for every method.
+Each cell of the report gives the mean over seeds, the min and max, and a 95% Wilson interval
+on the images pooled over seeds.
 
 The upstream stages and every training run as the pipeline's steps do (``steps.run_step``): a
 training is the ``distill`` step of a method's own run folder, whose upstream stages are the
@@ -53,7 +54,8 @@ from hfi_core.stages import STAGES, upstream_closure
 Family = Literal["sdd", "esd", "uce"]
 TRAINING = "distill"  # the stage a method trains in
 UPSTREAM = tuple(upstream_closure(STAGES[TRAINING].upstream))  # the stages every method shares
-FEEDBACK_STAGES = ("feedback", "reward", "invert")  # what a second feedback kind redoes on the same images
+IMAGES = tuple(upstream_closure(STAGES["feedback"].upstream))  # what feedback is given on
+FEEDBACK_STAGES = tuple(s for s in UPSTREAM if s not in IMAGES)  # what another feedback kind redoes on them
 
 
 @dataclass(frozen=True)
@@ -429,7 +431,7 @@ def run_removal_bench(
         tasks.append(Task(("upstream", seed), 0, _upstream, (up_cfg, rdir / "run", threads)))
         if any(m.feedback == "ranking" for m in METHODS):
             # Its own store (the feedback inbox is per store and concept), the same images linked in.
-            rank_run = link_stages(rdir / "ranking" / "run", rdir / "run", ("generate", "publish"))
+            rank_run = link_stages(rdir / "ranking" / "run", rdir / "run", IMAGES)
             tasks.append(Task(("ranking", seed), 1, _feedback_upstream,
                               (rank_cfg, rank_run, threads), (("upstream", seed),)))  # fmt: skip
         for m in METHODS:
@@ -669,7 +671,8 @@ def results_table(results: dict[str, Any]) -> str:
         f"{len(seeds)} seed(s) {seeds}; {min(s['images_per_group'].values())}+ images per prompt group and seed, on "
         f"held-out prompts, evaluation seeds from {s['eval_seeds'][0]} (hyperparameters chosen on validation seeds "
         f"from {s['validation_seed']}); oracle-judged shares. Each cell: mean over seeds"
-        + (" [min-max]" if len(seeds) > 1 else "") + " (95% Wilson interval of the pooled images).",
+        + (" [min-max]" if len(seeds) > 1 else "")
+        + " (95% Wilson interval of the pooled images).",
         "",
         "| method | " + " | ".join(t for _, t in cols) + " | " + " | ".join(t for _, t in NUMBERS) + " |",
         "|---|" + "---|" * (len(cols) + len(NUMBERS)),

@@ -24,6 +24,7 @@ from typing import Any
 import yaml
 
 from benchmarks.removal import (
+    IMAGES,
     METHODS,
     TRAINING,
     UPSTREAM,
@@ -86,8 +87,8 @@ def run_tuning(cfg: RunConfig, bench: BenchConfig, out: Path, *, jobs: int = 2, 
     trained = [m for m in METHODS if m.family]
     tasks = [Task(("upstream",), 0, _upstream, (up_cfg, out / "run", threads))]
     tasks.append(Task(("ranking",), 1, _feedback_upstream,
-                      (ranking_config(up_cfg, bench), link_stages(out / "ranking" / "run", out / "run",
-                                                                  ("generate", "publish")), threads),
+                      (ranking_config(up_cfg, bench), link_stages(out / "ranking" / "run", out / "run", IMAGES),
+                       threads),
                       (("upstream",),)))  # fmt: skip
     tasks.append(Task(("evaluate", "sd", 0), 5, _evaluate, (vcfg, Variant("sd"), out / "sd" / "evaluate", threads)))
     for m in trained:

@@ -543,7 +543,7 @@ def grids(name: str, run: Path) -> dict[str, Path]:
 def summary_table(summary: dict[str, dict[str, dict[str, float]]]) -> str:
     """A Markdown table: one row per (variant, group), the headline metrics as columns."""
     cols = ["clip_concept_rate", "clip_score", "drift", "oracle_striped", "oracle_dotted", "oracle_plain",
-            "oracle_shape_acc", "oracle_color_acc"]  # fmt: skip
+            "oracle_shape_acc", "oracle_color_acc", "oracle_became_plain", "oracle_became_dotted"]  # fmt: skip
     present = [c for c in cols if any(c in g for groups in summary.values() for g in groups.values())]
     lines = ["| variant | group | " + " | ".join(present) + " |", "|---|---|" + "---|" * len(present)]
     for name, groups in summary.items():

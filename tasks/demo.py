@@ -101,14 +101,17 @@ def report(run: Path) -> str:
     lines = [
         "",
         f"{'prompt group':26s} {'concept before':>15s} {'after':>7s} {'dotted b/a':>12s} {'plain b/a':>11s} "
-        f"{'shape b/a':>11s} {'colour b/a':>11s}",
+        f"{'shape b/a':>11s} {'colour b/a':>11s} {'became dotted/plain':>20s}",
     ]
     for group, before in summary["sd"].items():
         after = summary["distilled"][group]
         ba = {k: f"{before.get(k, float('nan')):.2f}/{after.get(k, float('nan')):.2f}" for k in _PAIRS}
+        # where the images that changed style went (the distilled model against SD's same seeds)
+        nan = float("nan")
+        went = f"{after.get('oracle_became_dotted', nan):.2f}/{after.get('oracle_became_plain', nan):.2f}"
         lines.append(
             f"{group:26s} {before[key]:15.2f} {after[key]:7.2f} {ba['oracle_dotted']:>12s} {ba['oracle_plain']:>11s} "
-            f"{ba['oracle_shape_acc']:>11s} {ba['oracle_color_acc']:>11s}"
+            f"{ba['oracle_shape_acc']:>11s} {ba['oracle_color_acc']:>11s} {went:>20s}"
         )
     gates = ", ".join(
         f"{g} {c['value']:.3f} (limit {c['limit']}) {'pass' if c['passed'] else 'FAIL'}"

@@ -75,7 +75,7 @@ def test_params_are_the_config_schema_with_its_types_enums_and_ranges(bag):
     assert params["distill.lr"] is None  # unset Params keep the YAML's value
     lr = params.get_param("distill.lr")
     assert "AdamW learning rate" in lr.description and lr.schema["exclusiveMinimum"] == 0
-    assert params.get_param("distill.method").schema["enum"] == ["sdd", "esd", None]
+    assert params.get_param("distill.method").schema["enum"] == ["sdd", "esd", "uce", None]
     assert params.get_param("distill.steps").schema["minimum"] == 1
 
 

@@ -133,8 +133,9 @@ def _results(hfi_share=0.05, text_share=0.8):
         share = 1.0 if not m.family else hfi_share if m.token else text_share
         row = {g: cell([(int(share * 90), 90)] * 3) for g in groups}
         row |= {k: cell([(90, 90)] * 3) for k in ("dotted[dotted]", "plain[plain]", "shape_acc", "color_acc")}
-        row |= {k: cell([(0, 90)] * 3) for k in ("became_dotted", "became_plain", "striped_in[dotted]",
-                                                 "striped_in[plain]")}
+        row |= {
+            k: cell([(0, 90)] * 3) for k in ("became_dotted", "became_plain", "striped_in[dotted]", "striped_in[plain]")
+        }
         rows[m.name] = row | {"drift_non_target": 0.01, "train_seconds": 5.0, "peak_memory_mb": None}
     results = {"mode": "full", "seeds": [0, 1, 2], "seconds": 12.0, "methods": rows,
                "settings": {"eval_seeds": [3, 4, 5], "validation_seed": 2, "images_per_group": {"a": 90}}}  # fmt: skip

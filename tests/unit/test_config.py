@@ -28,7 +28,7 @@ def test_toyworld_references_stay_symbolic_and_locate_resolves_them_to_the_commi
     assert locate(cfg.model.path) == str(default_world() / "sd")
     assert locate(cfg.reward.clip) == str(default_world() / "clip")
     assert locate("CompVis/stable-diffusion-v1-4") == "CompVis/stable-diffusion-v1-4"
-    assert sum(len(p.prompts) * p.images_per_prompt for p in cfg.prompts) == 540
+    assert sum(len(p.prompts) * p.images_per_prompt for p in cfg.prompts) == 432  # 6 groups x 6 prompts x 12
 
 
 def _write(tmp_path, data):
@@ -135,7 +135,7 @@ def test_overridable_fields_carry_schemas_defaults_and_the_field_docstrings():
     lr = fields["distill.lr"]
     assert lr["default"] == 1e-5 and lr["doc"] == "AdamW learning rate (constant)."
     assert lr["schema"] == {"type": "number", "exclusiveMinimum": 0.0}
-    assert fields["distill.method"]["schema"] == {"type": "string", "enum": ["sdd", "esd"]}
+    assert fields["distill.method"]["schema"] == {"type": "string", "enum": ["sdd", "esd", "uce"]}
     assert fields["distill.steps"]["schema"] == {"type": "integer", "minimum": 1}
     assert fields["promotion.max_concept_rate"]["schema"] == {"type": "number", "minimum": 0.0, "maximum": 1.0}
     assert "distill.concept_prompts" not in fields
@@ -146,7 +146,7 @@ def test_overrides_apply_before_validation_and_bad_ones_name_the_key(tmp_path):
     path.write_text(yaml.safe_dump(BASE))
     cfg = load_config(path, {"distill.lr": 3e-4, "distill.method": "esd"})
     assert cfg.distill.lr == 3e-4 and cfg.distill.method == "esd"
-    with pytest.raises(ConfigError, match=r"distill\.method: expected one of \['sdd', 'esd'\], got 'xyz'"):
+    with pytest.raises(ConfigError, match=r"distill\.method: expected one of \['sdd', 'esd', 'uce'\], got 'xyz'"):
         load_config(path, {"distill.method": "xyz"})
 
 

@@ -4,12 +4,12 @@ import pytest
 from hfi_core.toyworld.render import (
     BACKGROUND,
     COLORS,
-    SHAPES,
     CONTEXT_STRIPED,
     EXPLICIT_STRIPED,
     IMPLICIT_STRIPED,
     LOOKS,
     PHRASES,
+    SHAPES,
     STRIPES,
     STYLES,
     Scene,
