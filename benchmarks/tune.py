@@ -38,6 +38,7 @@ from benchmarks.removal import (
     eval_config,
     link_stages,
     method_config,
+    per_prompt,
     ranking_config,
     replicate_config,
     run_tasks,
@@ -82,7 +83,7 @@ def run_tuning(cfg: RunConfig, bench: BenchConfig, out: Path, *, jobs: int = 2, 
     out, t0, tc = Path(out), time.time(), bench.tuning
     rcfg = replicate_config(cfg, tc.seed)
     up_cfg = rcfg.model_copy(update={"distill": rcfg.distill.model_copy(update={"use_token": True})})
-    n_prompt = max(1, -(-tc.n_per_group // max(len(ps.prompts) for ps in cfg.prompts)))
+    n_prompt = per_prompt(cfg.prompts, tc.n_per_group)
     vcfg = eval_config(rcfg, cfg.prompts, n_prompt, bench.validation_seed)  # validation prompts and seeds
     trained = [m for m in METHODS if m.family]
     tasks = [Task(("upstream",), 0, _upstream, (up_cfg, out / "run", threads))]
