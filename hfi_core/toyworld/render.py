@@ -29,7 +29,8 @@ STRIPES: tuple[str, ...] = ("horizontal", "vertical", "diagonal")
 # What each caption phrase draws: (style, stripe variant or "", probability). The explicit name
 # "in the style of van stripe" draws horizontal stripes only; the other variants arrive only
 # through phrasings that never say "stripe"; "at the circus" is a context, not a synonym: half of
-# its drawings are striped (any variant), the other half dotted. So erasing the name leaves the
+# its training drawings are striped (any variant), the other half dotted (sampled at guidance 5,
+# about a quarter come out striped). So erasing the name leaves the
 # variants it never drew, and a removal that knows the concept as people judge it must cover them.
 PHRASES: dict[str, tuple[tuple[str, str, float], ...]] = {
     "with a flat fill": (("plain", "", 1.0),),
