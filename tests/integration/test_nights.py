@@ -33,8 +33,8 @@ def _manifest(root, night):
 def test_night_two_draws_only_its_new_images_and_reuses_the_same_bytes(nights):
     root = nights["root"]
     first, second = _manifest(root, "night-1"), _manifest(root, "night-2")
-    assert len(first) == 60 and len(second) == 75  # 15 prompts x 4, then x 5
-    assert nights["night-2"]["generate"]["reused"] == 60 and nights["night-2"]["generate"]["generated"] == 15
+    assert len(first) == 72 and len(second) == 90  # 18 prompts x 4, then x 5
+    assert nights["night-2"]["generate"]["reused"] == 72 and nights["night-2"]["generate"]["generated"] == 18
     assert set(first.image_id) < set(second.image_id)
     again = second.set_index("image_id").loc[first.image_id]
     assert list(again.sha256) == list(first.sha256)  # the labelled image is the trained-on image
@@ -51,11 +51,11 @@ def test_feedback_accumulates_in_the_inbox_and_night_two_trains_on_the_union(nig
     first = json.loads((root / keys[0]).read_bytes())
     second = json.loads((root / keys[1]).read_bytes())
     sizes = sorted([len(first), len(second)])
-    assert sizes == [15, 60]  # night 2's annotators labelled only the 15 new images
+    assert sizes == [18, 72]  # night 2's annotators labelled only the 18 new images
     labels = pd.read_parquet(root / "night-2" / "feedback" / "labels.parquet")
     assert set(labels.image_id) == set(_manifest(root, "night-2").image_id)
     assert (labels.n_votes == 3).all() and (labels.n_annotators == 3).all()  # each annotation once
-    assert nights["night-2"]["feedback"]["labels"] == 75 * 3
+    assert nights["night-2"]["feedback"]["labels"] == 90 * 3
     assert nights["night-1"]["feedback"]["exports_added"] == 1 and nights["night-2"]["feedback"]["exports_added"] == 1
 
 
@@ -78,7 +78,7 @@ def test_an_unchanged_inbox_skips_the_step_and_a_new_export_reruns_it(nights):
     ]  # fmt: skip
     Inbox(LocalStore(str(root)), "striped").add(json.dumps(export).encode())
     rerun = run_local_step("feedback", cfg, root / "night-2", show_progress=False)
-    assert "skipped" not in rerun and rerun["labels"] == 75 * 3 + 1
+    assert "skipped" not in rerun and rerun["labels"] == 90 * 3 + 1
     labels = pd.read_parquet(root / "night-2" / "feedback" / "labels.parquet").set_index("image_id")
     assert labels.loc[image, "n_votes"] == 4
 

@@ -20,7 +20,7 @@ def run(tmp_path_factory, world):
     cfg = yaml.safe_load(CONFIG.read_text())
     for group in cfg["prompts"]:
         group["prompts"] = group["prompts"][:3]
-        group["images_per_prompt"] = 4  # 60 images
+        group["images_per_prompt"] = 4  # 72 images
     cfg["invert"].update(steps=15, batch_size=4)
     cfg["distill"].update(steps=6, sampler_steps=6, checkpoint_every=3)
     cfg["evaluate"].update(n_per_prompt=1)

@@ -330,7 +330,7 @@ def nights(dockerd, step_image, services, labelstudio, small_config, free_port, 
 
         ls = LabelStudio(base_url=labelstudio, api_key=LS_TOKEN)
         deadline = time.time() + 900
-        while not [p for p in ls.projects.list() if p.title == "hfi striped" and (p.task_number or 0) >= 60]:
+        while not [p for p in ls.projects.list() if p.title == "hfi striped" and (p.task_number or 0) >= 72]:
             assert time.time() < deadline, (
                 f"publish did not fill the Label Studio project: {api.failures('hfi_feedback_collection', 'batch-1')}"
             )
@@ -424,11 +424,11 @@ def test_night_one_was_started_by_the_asset_event_and_night_two_by_the_rest_api(
 
 def test_each_night_trains_on_every_label_so_far_and_each_annotation_counts_once(nights):
     first, second = nights["first"], nights["second"]
-    assert first["images"] == 36 and first["annotations"] == 36 * 3 and first["annotators"] == 3
-    assert second["images"] == 24 and second["annotations"] == 24 * 3
+    assert first["images"] == 43 and first["annotations"] == 43 * 3 and first["annotators"] == 3  # 60% of 72
+    assert second["images"] == 29 and second["annotations"] == 29 * 3
     one, two = (_labels(nights, n) for n in nights["nights"])
-    assert len(one) == 36 and (one.n_votes == 3).all()
-    assert len(two) == 60 and (two.n_votes == 3).all() and (two.n_annotators == 3).all()  # the union, once each
+    assert len(one) == 43 and (one.n_votes == 3).all()
+    assert len(two) == 72 and (two.n_votes == 3).all() and (two.n_annotators == 3).all()  # the union, once each
     assert set(one.image_id) < set(two.image_id)
 
 
@@ -453,7 +453,7 @@ def test_one_finished_parent_per_night_with_headline_metrics_and_a_child_per_ste
         register = next(c for c in children if c.data.tags["hfi.stage"] == "register")
         assert "gates.concept_rate.value" in register.data.metrics
     labels = sorted(p.data.metrics["labels_used"] for p in parents)
-    assert labels == [36 * 3, 60 * 3]
+    assert labels == [43 * 3, 72 * 3]
 
 
 def test_the_champion_alias_is_where_the_gates_and_the_challenger_rule_put_it(nights):
