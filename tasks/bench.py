@@ -1,7 +1,8 @@
-"""``hfi bench removal``: the paper's comparison on the committed toy world.
+"""``hfi bench removal`` and ``hfi bench tune``: the paper's comparison on the committed toy world.
 
-    hfi bench removal --out bench-out            # full: 128+ images per group, about 36 min on 2 cores
-    hfi bench removal --quick --out bench-quick  # smoke run: 32+ images per group, fewer steps
+    hfi bench removal --out bench-out            # full: 3 seeds, 90 images per group and seed
+    hfi bench removal --quick --out bench-quick  # smoke run: 1 seed, 24 images per group, fewer steps
+    hfi bench tune --out tune-out                # each trained method's settings, on validation data
 
 MLflow: a parent run for the benchmark and a child per method, at $MLFLOW_TRACKING_URI or, by
 default, a sqlite store in the output folder (``mlflow ui --backend-store-uri sqlite:///OUT/mlflow.db``).
