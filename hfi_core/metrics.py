@@ -54,4 +54,5 @@ def wilson_interval(successes: int, n: int, z: float = 1.959964) -> tuple[float,
     p = successes / n
     centre = (p + z * z / (2 * n)) / (1 + z * z / n)
     half = z / (1 + z * z / n) * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
-    return max(0.0, centre - half), min(1.0, centre + half)
+    # The interval always holds p; at 0 or n successes its end is p itself, which rounding can miss.
+    return max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half))

@@ -116,6 +116,8 @@ def test_wilson_intervals_match_known_values_and_stay_inside_zero_one():
     lo, hi = wilson_interval(50, 100)
     assert (lo, hi) == (pytest.approx(0.4038, abs=1e-4), pytest.approx(0.5962, abs=1e-4))
     assert wilson_interval(100, 100)[1] == 1.0 and wilson_interval(0, 0) == (0.0, 1.0)
+    for n in range(1, 300):  # the ends hold the share exactly, whatever rounding does
+        assert wilson_interval(n, n)[1] == 1.0 and wilson_interval(0, n)[0] == 0.0
     with pytest.raises(ValueError):
         wilson_interval(5, 4)
 
