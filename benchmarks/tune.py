@@ -16,7 +16,6 @@ smallest. Writes ``tuning.json``, ``tuning.md`` and ``tuned.yaml``: the ``tuned:
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from benchmarks.removal import (
     eval_config,
     link_stages,
     method_config,
+    method_dir,
     per_prompt,
     ranking_config,
     replicate_config,
@@ -96,7 +96,7 @@ def run_tuning(cfg: RunConfig, bench: BenchConfig, out: Path, *, jobs: int = 2, 
         source = out / "ranking" / "run" if m.feedback == "ranking" else out / "run"
         needs = (("upstream",),) + ((("ranking",),) if m.feedback == "ranking" else ())
         for i, overrides in enumerate(tc.candidates[m.family]):  # type: ignore[index]
-            run = link_stages(out / _slug(m.name) / f"c{i}", source, UPSTREAM)
+            run = link_stages(method_dir(out, m.name) / f"c{i}", source, UPSTREAM)
             tasks.append(Task(("train", m.name, i), 2, _train, (candidate_config(cfg, bench, m, overrides), run,
                                                                 threads), needs))  # fmt: skip
             variant = Variant(m.name, unet=str(run / TRAINING / "unet"))
@@ -125,10 +125,6 @@ def run_tuning(cfg: RunConfig, bench: BenchConfig, out: Path, *, jobs: int = 2, 
     tuned = {name: r["overrides"] for name, r in report["methods"].items()}
     (out / "tuned.yaml").write_text(yaml.safe_dump({"tuned": tuned}, sort_keys=False))
     return report
-
-
-def _slug(name: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
 def tuning_table(report: dict[str, Any]) -> str:

@@ -243,13 +243,17 @@ class EMA(Weights):
             v.lerp_(p.detach(), 1.0 - self.decay)
 
 
+def prompt_ids(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
+    """Token ids of prompts, (len(prompts), L), padded and cut as the pipeline does, on the text encoder's device."""
+    return pipe.tokenizer(
+        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids.to(pipe.text_encoder.device)
+
+
 @torch.no_grad()
 def encode_prompts(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
     """Text embeddings for prompts, (len(prompts), L, D), as the pipeline conditions on them."""
-    ids = pipe.tokenizer(
-        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(pipe.text_encoder.device)
-    return pipe.text_encoder(ids)[0]
+    return pipe.text_encoder(prompt_ids(pipe, prompts))[0]
 
 
 @dataclass(frozen=True)

@@ -26,14 +26,13 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 
 from hfi_core.config import DistillConfig
+from hfi_core.distill.common import prompt_ids
 
 
 @torch.no_grad()
 def text_states(pipe: StableDiffusionPipeline, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (N, L) and the text encoder's last hidden states (N, L, D) of ``prompts``."""
-    ids = pipe.tokenizer(
-        prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-    ).input_ids.to(pipe.text_encoder.device)
+    ids = prompt_ids(pipe, prompts)
     return ids, pipe.text_encoder(ids)[0]
 
 
