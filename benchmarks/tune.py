@@ -92,22 +92,28 @@ def run_tuning(cfg: RunConfig, bench: BenchConfig, out: Path, *, jobs: int = 2, 
                        threads),
                       (("upstream",),)))  # fmt: skip
     tasks.append(Task(("evaluate", "sd", 0), 5, _evaluate, (vcfg, Variant("sd"), out / "sd" / "evaluate", threads)))
-    for m in trained:
-        source = out / "ranking" / "run" if m.feedback == "ranking" else out / "run"
-        needs = (("upstream",),) + ((("ranking",),) if m.feedback == "ranking" else ())
-        for i, overrides in enumerate(tc.candidates[m.family]):  # type: ignore[index]
+    # Candidate-major, and each validation as soon as its training is done (priority 1 < 2): the
+    # first round of every method is measured within minutes, and a stopped run keeps whole rounds.
+    n_cands = max(len(c) for c in tc.candidates.values())
+    for i in range(n_cands):
+        for m in trained:
+            source = out / "ranking" / "run" if m.feedback == "ranking" else out / "run"
+            needs = (("upstream",),) + ((("ranking",),) if m.feedback == "ranking" else ())
+            overrides = tc.candidates[m.family][i]  # type: ignore[index]
             run = link_stages(method_dir(out, m.name) / f"c{i}", source, UPSTREAM)
             tasks.append(Task(("train", m.name, i), 2, _train, (candidate_config(cfg, bench, m, overrides), run,
                                                                 threads), needs))  # fmt: skip
             variant = Variant(m.name, unet=str(run / TRAINING / "unet"))
-            tasks.append(Task(("evaluate", m.name, i), 5, _evaluate, (vcfg, variant, run / "evaluate", threads),
+            tasks.append(Task(("evaluate", m.name, i), 1, _evaluate, (vcfg, variant, run / "evaluate", threads),
                               (("train", m.name, i),)))  # fmt: skip
     measured: dict[tuple[str, int], dict[str, Any]] = {}
 
     def on_done(task: Task, result: dict[str, Any]) -> None:
         if task.key[0] == "evaluate":
             measured[task.key[1:]] = result
-            log(f"validated {task.key[1]} candidate {task.key[2]}")
+            if task.key[1] != "sd":
+                log(f"validated {task.key[1]} candidate {task.key[2]}: "
+                    + ", ".join(f"{g.split(':')[-1]} {v['oracle_striped']:.2f}" for g, v in result["groups"].items()))
 
     run_tasks(tasks, jobs, on_done)
     sd = measured[("sd", 0)]["groups"]

@@ -3,6 +3,7 @@
     hfi bench removal --out bench-out            # full: 3 seeds, 90 images per group and seed
     hfi bench removal --quick --out bench-quick  # smoke run: 1 seed, 24 images per group, fewer steps
     hfi bench tune --out tune-out                # each trained method's settings, on validation data
+    hfi bench seeds --out seeds-out              # the toy config's promotion gates on seeds 0, 1, 2
 
 MLflow: a parent run for the benchmark and a child per method, at $MLFLOW_TRACKING_URI or, by
 default, a sqlite store in the output folder (``mlflow ui --backend-store-uri sqlite:///OUT/mlflow.db``).
@@ -19,6 +20,7 @@ from pathlib import Path
 from tasks.common import add_runtime_args, setup_runtime, threads_for
 
 DEFAULT_CONFIG = Path(__file__).parents[1] / "benchmarks" / "removal.yaml"
+TOY_CONFIG = Path(__file__).parents[1] / "configs" / "toyworld-striped.yaml"
 
 
 def register(top: argparse._SubParsersAction) -> None:
@@ -42,6 +44,14 @@ def register(top: argparse._SubParsersAction) -> None:
     t.add_argument("--jobs", type=int, default=2, help="processes training/evaluating side by side (default 2)")
     add_runtime_args(t)
     t.set_defaults(func=_tune)
+
+    s = g.add_parser("seeds", help="a run config end to end on several seeds: do its promotion gates pass on each?")
+    s.add_argument("--out", type=Path, required=True, help="output folder (seeds.md, seeds.json, a run per seed)")
+    s.add_argument("--config", type=Path, default=TOY_CONFIG, help="run config (configs/toyworld-striped.yaml)")
+    s.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="replicate seeds (default 0 1 2)")
+    s.add_argument("--jobs", type=int, default=2, help="replicates side by side (default 2)")
+    add_runtime_args(s)
+    s.set_defaults(func=_seeds)
 
 
 def _removal(args: argparse.Namespace) -> int:
@@ -75,6 +85,21 @@ def _tune(args: argparse.Namespace) -> int:
     print((args.out / "tuning.md").read_text())
     print(f"copy {args.out / 'tuned.yaml'} into {args.config} as its `tuned:` section")
     return 0
+
+
+def _seeds(args: argparse.Namespace) -> int:
+    setup_runtime(args)
+    from benchmarks.seeds import run_seeds
+    from hfi_core.config import load_config
+
+    if len(set(args.seeds)) != len(args.seeds):
+        raise ValueError(f"--seeds: {args.seeds} repeats a seed; replicates must be independent")
+    cfg = load_config(args.config)
+    args.out.mkdir(parents=True, exist_ok=True)
+    provenance = {"command": " ".join(["hfi", *sys.argv[1:]]), "commit": _commit(), "machine": _machine()}
+    report = run_seeds(cfg, args.seeds, args.out, jobs=args.jobs, threads=threads_for(args), provenance=provenance)
+    print((args.out / "seeds.md").read_text())
+    return 0 if report["passed_every_seed"] else 1
 
 
 def _commit() -> str:

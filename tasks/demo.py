@@ -4,10 +4,10 @@ The toy world (remove "striped"), Airflow through ``airflow dags test`` on a sql
 DB, MLflow on a local sqlite store with local artifacts, and a local folder instead of S3.
 Nothing listens on the network: ``dags test`` runs tasks in-process and starts no server.
 
-- Night 1 draws 540 images; the simulated annotators (three people, the toy world's oracle
+- Night 1 draws 432 images (36 prompts x 12); the simulated annotators (three people, the toy world's oracle
   with 10% noise) label them and drop their export into the concept's feedback inbox; the
   night trains on it, and its model becomes the champion if it passes the gates.
-- Night 2 asks for one more image per prompt (585, 8% new): the 540 come from the store's
+- Night 2 asks for one more image per prompt (468, 8% new): the 432 come from the store's
   image pool, only the new ones are drawn and labelled, and the night trains on the union.
   Its model replaces the champion only if it passes the gates and beats it.
 
