@@ -238,6 +238,17 @@ class InvertConfig(Section):
     """AdamW learning rate on the embedding row (diffusers' textual-inversion example uses ~5e-4 for SD)."""
     top_k: int = Field(0, ge=0)
     """Keep only the K highest-reward images; 0 keeps all, weighted by reward."""
+    vectors: int = Field(1, ge=1, le=16)
+    """Embedding vectors per token (diffusers' ``num_vectors``): the token spells as ``<t> <t>_1
+    ...`` in a prompt. A look that the model draws from a phrase, not a word, may need several
+    (measured on the toy world: one vector never drew the name's horizontal stripes, two or three
+    did in 30-32 of 32 samples)."""
+    modes: int = Field(1, ge=0, le=16)
+    """Tokens to invert the feedback into, one per look of the concept that people flagged
+    (``hfi_core.modes``): 1 is the paper's single v*; k > 1 splits the flagged images into k looks;
+    0 chooses k in ``2..max_modes`` by silhouette, or 1 when they do not split."""
+    max_modes: int = Field(4, ge=2, le=16)
+    """The most looks ``modes: 0`` may find."""
     max_norm: float = Field(0.0, ge=0)
     """Cap the norm of v* at this multiple of the largest norm of a word's embedding after every
     step; 0: no cap. Unconstrained, textual inversion can grow v* far beyond any word (6x the mean

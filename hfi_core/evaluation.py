@@ -47,7 +47,7 @@ class Variant:
     delta: str | None = None
     """Or a delta (``delta.safetensors``) applied onto the base UNet."""
     token_dir: str | None = None
-    """A textual-inversion folder to load (prompts may then use its token)."""
+    """A textual-inversion folder to load, every token it lists (prompts may then use them)."""
     inference: Inference = "none"
     """An inference-time method on top."""
     negative_prompt: str | None = None
@@ -110,7 +110,9 @@ def load_variant(cfg: RunConfig, v: Variant, scheduler: str):
     if v.delta:
         apply_delta(pipe.unet, Path(v.delta))
     if v.token_dir:
-        pipe.load_textual_inversion(v.token_dir, use_safetensors=True)
+        from hfi_core.inversion import load_tokens
+
+        load_tokens(pipe, Path(v.token_dir))
     kwargs: dict[str, Any] = {}
     if v.inference == "negative_prompt":
         kwargs["negative_prompt"] = v.negative_prompt or cfg.evaluate.negative_prompt

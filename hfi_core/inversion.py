@@ -5,11 +5,16 @@
 
 over the model's own samples x_i for the concept prompts, z_i their VAE latents and w_i their
 rewards (standardised, clipped at 0, normalised to mean 1; ``top_k`` keeps only the K highest). Textual
-inversion, weighted: only the new token's embedding row trains (optionally kept within
+inversion, weighted: only the new token's embedding rows train (``vectors`` of them, spelled
+``<t> <t>_1 ...`` in a prompt, as diffusers spells a multi-vector token; each optionally kept within
 ``max_norm`` times the largest word embedding's norm, by projection after each step). After
 every step all other rows are copied back from the original table, so they come out
 bit-identical (AdamW's weight decay or any stray gradient cannot move them). Saved as diffusers saves textual inversion
-(``learned_embeds.safetensors`` = ``{token: (1, D)}``) for ``pipe.load_textual_inversion``.
+(``learned_embeds.safetensors`` = ``{token: (vectors, D)}``) for ``pipe.load_textual_inversion``.
+
+With several looks (``invert.modes``, ``hfi_core.modes``), each look's images get a token of their
+own (``mode_token``: ``<t>``, ``<t-2>``, ...), one file each, listed in ``tokens.json``;
+``load_tokens`` loads them all.
 """
 
 from __future__ import annotations
@@ -55,19 +60,33 @@ def reward_weights(rewards: np.ndarray, top_k: int = 0) -> np.ndarray:
     return w / w[kept].mean()
 
 
-def add_token(pipe: StableDiffusionPipeline, token: str, init_word: str) -> int:
-    """Add ``token`` to the tokenizer, grow the embedding table, start its row at ``init_word``'s."""
-    if pipe.tokenizer.add_tokens(token) != 1:
+def spell(token: str, vectors: int) -> str:
+    """How a token of ``vectors`` vectors appears in a prompt, as diffusers' loader spells it."""
+    return " ".join([token] + [f"{token}_{i}" for i in range(1, vectors)])
+
+
+def mode_token(token: str, mode: int) -> str:
+    """The placeholder of look ``mode`` (0-based): ``<t>`` for the first, ``<t-2>``, ``<t-3>``... after."""
+    if mode == 0:
+        return token
+    return f"{token[:-1]}-{mode + 1}>" if token.endswith(">") else f"{token}-{mode + 1}"
+
+
+def add_token(pipe: StableDiffusionPipeline, token: str, init_word: str, vectors: int = 1) -> list[int]:
+    """Add ``token`` (and ``token_1``... for more vectors) to the tokenizer, grow the embedding
+    table, start every new row at ``init_word``'s embedding. Returns the new rows' ids."""
+    names = spell(token, vectors).split(" ")
+    if any(n in pipe.tokenizer.get_vocab() for n in names) or pipe.tokenizer.add_tokens(names) != len(names):
         raise ValueError(f"invert.token: {token!r} is already in the tokenizer; choose another placeholder")
     pipe.text_encoder.resize_token_embeddings(len(pipe.tokenizer))
-    token_id = pipe.tokenizer.convert_tokens_to_ids(token)
+    ids = pipe.tokenizer.convert_tokens_to_ids(names)
     init_ids = pipe.tokenizer.encode(init_word, add_special_tokens=False)
     if not init_ids:
         raise ValueError(f"invert.init_word: {init_word!r} encodes to no token")
     table = pipe.text_encoder.get_input_embeddings().weight
     with torch.no_grad():
-        table[token_id] = table[init_ids].mean(0)  # a multi-token word starts from its mean
-    return token_id
+        table[ids] = table[init_ids].mean(0)  # a multi-token word starts from its mean
+    return ids
 
 
 @torch.no_grad()
@@ -88,14 +107,17 @@ def invert(
     cfg: InvertConfig,
     init_word: str,
     *,
+    token: str | None = None,
     show_progress: bool = True,
 ) -> tuple[torch.Tensor, list[float]]:
     """Learn v*. ``latents`` (N, C, h, w) of the concept images, ``weights`` (N,) from ``reward_weights``.
 
-    Returns ``(v, losses)``: the learned row (D,) and the weighted loss per step. The pipeline's
-    tokenizer and text encoder keep the new token.
+    Returns ``(v, losses)``: the learned rows (vectors, D) and the weighted loss per step. The
+    pipeline's tokenizer and text encoder keep the new token (``token``, a different placeholder
+    than ``cfg.token`` for a look other than the first).
     """
-    token_id = add_token(pipe, cfg.token, init_word)
+    token = token or cfg.token
+    token_ids = add_token(pipe, token, init_word, cfg.vectors)
     te, unet = pipe.text_encoder, pipe.unet
     unet.requires_grad_(False)
     pipe.vae.requires_grad_(False)
@@ -104,11 +126,11 @@ def invert(
     table.requires_grad_(True)
     original = table.detach().clone()
     others = torch.ones(len(table), dtype=torch.bool, device=table.device)
-    others[token_id] = False
+    others[token_ids] = False
     cap = cfg.max_norm * original[others].norm(dim=1).max() if cfg.max_norm else None
     opt = torch.optim.AdamW([table], lr=cfg.lr, weight_decay=0.0)
     noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    prompts = [t.format(cfg.token) for t in cfg.templates]
+    prompts = [t.format(spell(token, cfg.vectors)) for t in cfg.templates]
     ids = pipe.tokenizer(
         prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids.to(te.device)  # (T, L)
@@ -134,19 +156,53 @@ def invert(
         opt.step()
         with torch.no_grad():
             table[others] = original[others]  # every other row bit-identical, whatever the optimiser did
-            if cap is not None and (n := table[token_id].norm()) > cap:
-                table[token_id] *= cap / n  # project back onto the ball of word-sized embeddings
+            if cap is not None:  # project each vector back onto the ball of word-sized embeddings
+                norms = table[token_ids].norm(dim=1, keepdim=True)  # (vectors, 1)
+                table[token_ids] *= torch.clamp(cap / norms, max=1.0)
         losses.append(loss.detach())  # no sync per step
     te.eval()
     unet.disable_gradient_checkpointing()
     table.requires_grad_(False)
-    return table[token_id].detach().clone(), [float(x) for x in torch.stack(losses).cpu()]  # one sync, at the end
+    return table[token_ids].detach().clone(), [float(x) for x in torch.stack(losses).cpu()]  # one sync, at the end
 
 
-def save_token(path: Path, token: str, vector: torch.Tensor) -> Path:
-    """Write ``learned_embeds.safetensors`` as diffusers' textual-inversion script does: {token: (1, D)}."""
+def token_file(mode: int) -> str:
+    """The file of look ``mode``'s token: diffusers' default name for the first."""
+    return "learned_embeds.safetensors" if mode == 0 else f"learned_embeds-{mode + 1}.safetensors"
+
+
+TOKENS_FILE = "tokens.json"
+"""Lists a folder's tokens and their files, in look order: ``{"tokens": [{"token", "file", ...}]}``."""
+
+
+def save_token(path: Path, token: str, vectors: torch.Tensor, file: str = "learned_embeds.safetensors") -> Path:
+    """Write ``{token: (vectors, D)}`` as diffusers' textual-inversion script does."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    file = path / "learned_embeds.safetensors"
-    save_file({token: vector.detach().float().cpu().reshape(1, -1).contiguous()}, file)
-    return file
+    out = path / file
+    save_file({token: vectors.detach().float().cpu().reshape(-1, vectors.shape[-1]).contiguous()}, out)
+    return out
+
+
+def load_tokens(pipe: StableDiffusionPipeline, folder: Path) -> list[str]:
+    """Load every token of an ``invert`` folder into ``pipe`` (``tokens.json``'s, else the one
+    ``learned_embeds.safetensors``); returns the placeholders, in look order."""
+    import json
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    listed = folder / TOKENS_FILE
+    if listed.exists():
+        files = [t["file"] for t in json.loads(listed.read_text())["tokens"]]
+    else:
+        files = [token_file(0)]
+    tokens = []
+    for file in files:
+        if "/" in file or "\\" in file or file.startswith("."):
+            raise ValueError(f"{listed}: token file {file!r} is not a plain file name in the folder")
+        with safe_open(str(folder / file), framework="pt") as f:
+            (token,) = list(f.keys())
+        pipe.load_textual_inversion(str(folder), weight_name=file, use_safetensors=True)
+        tokens.append(token)
+    return tokens

@@ -292,11 +292,18 @@ def train_reward(
     return metrics
 
 
-@torch.no_grad()
 def score_images(
     model_dir: Path, manifest: pd.DataFrame, image_root: Path, *, cache_dir: Path | None = None, device: str = "auto"
 ) -> np.ndarray:
     """Rewards of the manifest's images, (N,), with the CLIP the reward model was trained on."""
+    return embed_and_score(model_dir, manifest, image_root, cache_dir=cache_dir, device=device)[1]
+
+
+@torch.no_grad()
+def embed_and_score(
+    model_dir: Path, manifest: pd.DataFrame, image_root: Path, *, cache_dir: Path | None = None, device: str = "auto"
+) -> tuple[np.ndarray, np.ndarray]:
+    """The manifest's images' CLIP embeddings (N, D) and rewards (N,), with the reward model's CLIP."""
     from hfi_core.models import load_clip
 
     reward = RewardModel.from_pretrained(model_dir, use_safetensors=True).eval()
@@ -305,4 +312,4 @@ def score_images(
         emb = EmbeddingCache(cache_dir, clip_model, processor, reward.config.clip).get(manifest, image_root)
     else:
         emb = image_embeddings(clip_model, processor, load_images(manifest, image_root))
-    return reward.score(emb).numpy()
+    return emb.float().numpy(), reward.score(emb).numpy()

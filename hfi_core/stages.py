@@ -5,7 +5,7 @@ under the run folder:
     run/publish/    tasks.json + label_config.xml (the Label Studio import for this batch)
     run/feedback/   labelstudio/ (simulated export), raw/ (every export, byte for byte), labels.parquet
     run/reward/     model/, metrics.json, roc.png, scores.parquet   (run/embedding_cache/ beside it)
-    run/invert/     learned_embeds.safetensors, metrics.json, token_samples.png
+    run/invert/     learned_embeds.safetensors (one per look: -2, -3...), tokens.json, metrics.json, token_samples.png
     run/distill/    unet/, delta.safetensors, README.md (model card), losses.png
     run/evaluate/   <variant>/metrics.json + grid.png, summary.json, summary.md
     run/register/   registration.json (the gates, and the registered version when tracked)
@@ -254,63 +254,83 @@ def stage_reward(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]
 
 
 def stage_invert(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
-    """Reward-weighted textual inversion over the target groups' images."""
+    """Reward-weighted textual inversion over the target groups' images: one token, or one per
+    look of the concept that the flagged images show (``invert.modes``)."""
     from hfi_core.images import load_images, read_manifest
-    from hfi_core.inversion import encode_latents, invert, reward_weights, save_token
+    from hfi_core.inversion import TOKENS_FILE, encode_latents, invert, mode_token, reward_weights, save_token, token_file
     from hfi_core.models import load_sd_pipeline
-    from hfi_core.reward import score_images
+    from hfi_core.modes import find_modes
+    from hfi_core.reward import embed_and_score
 
     run, ic = Path(run), cfg.invert
     manifest = read_manifest(run / "generate" / "manifest.parquet")
     manifest = manifest[manifest.group.map(lambda g: any(g.startswith(p) for p in ic.groups))].reset_index(drop=True)
     if manifest.empty:
         raise ValueError(f"invert.groups: {ic.groups} match no generated group")
-    rewards = score_images(run / "reward" / "model", manifest, run / "generate", cache_dir=run / "embedding_cache",
-                           device=cfg.model.device)  # fmt: skip
-    weights = reward_weights(rewards, ic.top_k)
+    embeddings, rewards = embed_and_score(run / "reward" / "model", manifest, run / "generate",
+                                          cache_dir=run / "embedding_cache", device=cfg.model.device)  # fmt: skip
+    weights = reward_weights(rewards, ic.top_k)  # (N,), > 0 for the images the feedback flags
+    modes = find_modes(embeddings, weights > 0, modes=ic.modes, max_modes=ic.max_modes, seed=ic.seed)
     pipe = load_sd_pipeline(cfg.model.model_copy(update={"dtype": "float32"}), "ddim")
     latents = encode_latents(pipe, load_images(manifest, run / "generate"))  # (N, C, h, w)
-    t0 = time.time()
-    v, losses = invert(pipe, latents, weights, ic, ic.init_word, show_progress=ctx.show_progress)
     out = run / "invert"
-    save_token(out, ic.token, v)
-    _token_samples(pipe, cfg, out / "token_samples.png")
+    t0, listed, losses_all = time.time(), [], []
+    for k in range(modes.count):
+        w = np.where(modes.labels == k, weights, 0.0)  # this look's images, weighted as before
+        token = mode_token(ic.token, k)
+        v, losses = invert(pipe, latents, w / w[w > 0].mean(), ic, ic.init_word, token=token,
+                           show_progress=ctx.show_progress)  # fmt: skip
+        save_token(out, token, v, token_file(k))
+        groups = manifest.group[modes.labels == k].value_counts()
+        listed.append({"token": token, "file": token_file(k), "vectors": ic.vectors, "images": int((w > 0).sum()),
+                       "groups": {g: int(n) for g, n in groups.items()},
+                       "first_loss": losses[0], "last_loss_mean_10": float(np.mean(losses[-10:]))})  # fmt: skip
+        losses_all.append(losses)
+    (out / TOKENS_FILE).write_text(json.dumps({"tokens": listed}, indent=2))
+    _token_samples(pipe, cfg, [t["token"] for t in listed], out / "token_samples.png")
     metrics = {
         "token": ic.token,
+        "tokens": [t["token"] for t in listed],
         "init_word": ic.init_word,
         "images": len(manifest),
         "images_weighted": int((weights > 0).sum()),
+        "modes": modes.count,
+        "mode_sizes": modes.sizes(),
+        "mode_silhouettes": {str(k): round(v, 4) for k, v in modes.silhouettes.items()},
         "reward_mean": float(np.mean(rewards)),
-        "first_loss": losses[0],
-        "last_loss_mean_10": float(np.mean(losses[-10:])),
+        "first_loss": float(np.mean([ls[0] for ls in losses_all])),
+        "last_loss_mean_10": float(np.mean([np.mean(ls[-10:]) for ls in losses_all])),
         "seconds": round(time.time() - t0, 1),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
 
 
-def _token_samples(pipe: Any, cfg: RunConfig, path: Path, n: int = 8) -> None:
-    """What v* draws on its own: people would rather look at this than read a loss."""
+def _token_samples(pipe: Any, cfg: RunConfig, tokens: list[str], path: Path, n: int = 8) -> None:
+    """What each token draws on its own, a row per token: people would rather look at this than read a loss."""
     from hfi_core.evaluation import save_grid
     from hfi_core.sampling import sample
 
-    prompt = cfg.invert.templates[0].format(cfg.invert.token)
+    plan = [(t, cfg.invert.templates[0].format(t), s) for t in tokens for s in range(n)]
     g = cfg.generation
-    images = sample(pipe, [prompt] * n, list(range(n)), steps=g.steps, guidance=g.guidance, height=g.height,
-                    width=g.width)  # fmt: skip
-    save_grid(images, [(prompt, prompt, s) for s in range(n)], path, per_group=n)
+    images = sample(pipe, [p for _, p, _ in plan], [s for _, _, s in plan], steps=g.steps, guidance=g.guidance,
+                    height=g.height, width=g.width)  # fmt: skip
+    save_grid(images, plan, path, per_group=n)
 
 
-def concept_prompts(cfg: RunConfig, token: str | None) -> list[str]:
-    """The distillation's prompts: ``concept_prompts`` with the HFI token, else ``text_prompts``;
-    ``{token}`` and ``{concept}`` filled in."""
+def concept_prompts(cfg: RunConfig, tokens: list[str] | None) -> list[str]:
+    """The distillation's prompts: ``concept_prompts`` with the HFI tokens, else ``text_prompts``;
+    ``{concept}`` filled in, and a prompt with ``{token}`` once per token (one per look)."""
     key, prompts = (
-        ("concept_prompts", cfg.distill.concept_prompts) if token else ("text_prompts", cfg.distill.text_prompts)
+        ("concept_prompts", cfg.distill.concept_prompts) if tokens else ("text_prompts", cfg.distill.text_prompts)
     )
+    out = []
     for p in prompts:
-        if "{token}" in p and not token:
+        if "{token}" in p and not tokens:
             raise ValueError(f"distill.{key}: {p!r} needs the HFI token; text-only removal names the concept in words")
-    return [p.replace("{token}", token or "").replace("{concept}", cfg.concept.name) for p in prompts]
+        p = p.replace("{concept}", cfg.concept.name)
+        out += [p.replace("{token}", t) for t in tokens] if "{token}" in p else [p]
+    return out
 
 
 def stage_distill(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
@@ -320,15 +340,13 @@ def stage_distill(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any
     from hfi_core.distill.outputs import save_distilled
     from hfi_core.distill.sdd import train_sdd
     from hfi_core.distill.uce import train_uce
+    from hfi_core.inversion import load_tokens
     from hfi_core.models import load_sd_pipeline, model_identity
 
     run, dc = Path(run), cfg.distill
     pipe = load_sd_pipeline(cfg.model.model_copy(update={"dtype": "float32"}), "ddim")  # train in fp32
-    token = None
-    if dc.use_token:
-        pipe.load_textual_inversion(str(run / "invert"), use_safetensors=True)
-        token = cfg.invert.token
-    prompts = concept_prompts(cfg, token)
+    tokens = load_tokens(pipe, run / "invert") if dc.use_token else None
+    prompts = concept_prompts(cfg, tokens)
     train = {"sdd": train_sdd, "esd": train_esd, "uce": train_uce}[dc.method]
     out = run / "distill"
     t0 = time.time()
@@ -349,7 +367,7 @@ def stage_distill(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any
         "concept": cfg.concept.name,
         "base_model": model_identity(cfg.model),
         "method": dc.method,
-        "token": token,
+        "tokens": tokens,
         "concept_prompts": prompts,
         "hyperparameters": dc.model_dump(mode="json"),
         "trained_parameters": len(names),

@@ -244,7 +244,13 @@ class EMA(Weights):
 
 
 def prompt_ids(pipe: StableDiffusionPipeline, prompts: list[str]) -> torch.Tensor:
-    """Token ids of prompts, (len(prompts), L), padded and cut as the pipeline does, on the text encoder's device."""
+    """Token ids of prompts, (len(prompts), L), padded and cut as the pipeline does, on the text encoder's device.
+
+    A multi-vector token is spelled out first (``<t>`` -> ``<t> <t>_1 ...``), as the pipeline's
+    own call does: without it, only the token's first vector would condition the model.
+    """
+    if hasattr(pipe, "maybe_convert_prompt"):
+        prompts = pipe.maybe_convert_prompt(list(prompts), pipe.tokenizer)
     return pipe.tokenizer(
         prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length, truncation=True, return_tensors="pt"
     ).input_ids.to(pipe.text_encoder.device)

@@ -58,7 +58,8 @@ def model_card(card: dict[str, Any]) -> str:
         f"# {card.get('name', 'hfi model')}: concept removed: {card.get('concept', '?')}",
         "",
         f"Base model: `{card.get('base_model', '?')}`. Method: **{card.get('method', '?').upper()}**"
-        + (f" with the HFI token `{card['token']}`" if card.get("token") else " (text prompts only)")
+        + (" with the HFI token(s) " + ", ".join(f"`{t}`" for t in card["tokens"]) + " (one per look people flagged)"
+           if card.get("tokens") else " (text prompts only)")  # fmt: skip
         + ".",
         "",
         "Concept prompts erased (cycled):",

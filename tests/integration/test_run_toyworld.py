@@ -50,13 +50,22 @@ def test_every_stage_leaves_its_outputs(run):
     assert "<hfi-striped>" in card and f"Method: **{method.upper()}**" in card
 
 
-def test_the_token_loads_with_load_textual_inversion(run, world):
+def test_every_token_loads_with_load_textual_inversion(run, world):
+    # One token per look the feedback showed (invert.modes: 0), each of invert.vectors vectors.
+    vectors = yaml.safe_load(CONFIG.read_text())["invert"]["vectors"]
+    listed = json.loads((run / "invert" / "tokens.json").read_text())["tokens"]
+    assert listed[0] == {**listed[0], "token": "<hfi-striped>", "file": "learned_embeds.safetensors"}
+    assert json.loads((run / "invert" / "metrics.json").read_text())["modes"] == len(listed)
     pipe = StableDiffusionPipeline.from_pretrained(world / "sd")
-    pipe.load_textual_inversion(str(run / "invert"))
-    token_id = pipe.tokenizer.convert_tokens_to_ids("<hfi-striped>")
-    saved = load_file(run / "invert" / "learned_embeds.safetensors")["<hfi-striped>"]
-    assert saved.shape == (1, 64)
-    assert torch.equal(pipe.text_encoder.get_input_embeddings().weight[token_id], saved[0])
+    table = pipe.text_encoder.get_input_embeddings
+    for entry in listed:
+        pipe.load_textual_inversion(str(run / "invert"), weight_name=entry["file"])
+        saved = load_file(run / "invert" / entry["file"])[entry["token"]]
+        assert saved.shape == (vectors, 64)
+        names = [entry["token"]] + [f"{entry['token']}_{i}" for i in range(1, vectors)]
+        assert torch.equal(table().weight[pipe.tokenizer.convert_tokens_to_ids(names)], saved)
+    card = json.loads((run / "distill" / "card.json").read_text())
+    assert card["tokens"] == [t["token"] for t in listed]
 
 
 def test_the_delta_on_the_base_unet_reproduces_the_saved_unet_exactly(run, world):
