@@ -56,6 +56,8 @@ TRAINING = "distill"  # the stage a method trains in
 UPSTREAM = tuple(upstream_closure(STAGES[TRAINING].upstream))  # the stages every method shares
 IMAGES = tuple(upstream_closure(STAGES["feedback"].upstream))  # what feedback is given on
 FEEDBACK_STAGES = tuple(s for s in UPSTREAM if s not in IMAGES)  # what another feedback kind redoes on them
+REDONE: dict[str, tuple[str, ...]] = {"ranking": FEEDBACK_STAGES, "one token": ("invert",)}
+"""Per upstream variant (``Method.upstream``), the stages it runs again; the others are the replicate's, linked."""
 
 
 @dataclass(frozen=True)
@@ -69,8 +71,11 @@ class Method:
     """Train on the HFI token (True) or on the text concept (False)."""
     inference: str = "none"
     """``evaluation.Variant.inference``: none, negative_prompt, sld-medium, sld-max..."""
-    feedback: Literal["binary", "ranking"] = "binary"
-    """Which feedback the token comes from (HFI methods only)."""
+    upstream: Literal["", "ranking", "one token"] = ""
+    """Where the HFI tokens come from: the replicate's own upstream run (binary feedback, a token
+    per look, ``invert`` as the run config says); ``ranking``: the same images ranked four at a
+    time; ``one token``: the same feedback inverted into one token of one vector, as the paper
+    inverts it (an ablation: what the looks add)."""
 
 
 METHODS = (
@@ -84,7 +89,8 @@ METHODS = (
     Method("hfi+esd-x", family="esd", token=True),
     Method("hfi+sdd", family="sdd", token=True),
     Method("hfi+uce", family="uce", token=True),
-    Method("hfi+sdd (ranking)", family="sdd", token=True, feedback="ranking"),
+    Method("hfi+sdd (ranking)", family="sdd", token=True, upstream="ranking"),
+    Method("hfi+uce (one token)", family="uce", token=True, upstream="one token"),
 )
 
 
@@ -145,6 +151,8 @@ class BenchConfig(Section):
     """Hyperparameters of UCE and HFI+UCE."""
     ranking: dict[str, Any] = {"feedback": {"kind": "ranking"}}
     """Run-config sections overridden for the token from ranking feedback (validated on load)."""
+    one_token: dict[str, Any] = {"invert": {"vectors": 1, "modes": 1}}
+    """Run-config sections overridden for the ablation that inverts the feedback as the paper does."""
     evaluation_prompts: list[PromptSet]
     """The held-out prompt groups every method is measured on: none of them may appear in the run
     config's prompts (feedback and token) or in any family's concept, text or preserve prompts."""
@@ -211,10 +219,11 @@ def load_bench_config(path: str | Path) -> tuple[BenchConfig, RunConfig]:
                     f"{path}: evaluation_prompts[{i}] ({ps.group}): {p!r} is also in {seen[p]}; "
                     "evaluation prompts must be held out"
                 )
-    try:
-        ranking_config(cfg, bench)
-    except ConfigError as e:
-        raise ConfigError(f"{path}: ranking: {e}") from None
+    for variant in REDONE:
+        try:
+            upstream_config(cfg, bench, variant)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {variant.replace(' ', '_')}: {e}") from None
     return bench, cfg
 
 
@@ -234,12 +243,32 @@ def replicate_config(cfg: RunConfig, seed: int) -> RunConfig:
     })  # fmt: skip
 
 
-def ranking_config(cfg: RunConfig, bench: BenchConfig) -> RunConfig:
-    """The run config whose token comes from ranking feedback on the same images."""
+def upstream_config(cfg: RunConfig, bench: BenchConfig, variant: str) -> RunConfig:
+    """The run config of an upstream variant (``Method.upstream``): ``ranking``, the token from
+    ranking feedback on the same images; ``one token``, the feedback inverted as the paper does."""
+    overrides = {"ranking": bench.ranking, "one token": bench.one_token}[variant]
     data = cfg.model_dump(mode="json")
-    for section, values in bench.ranking.items():
+    for section, values in overrides.items():
         data[section] = {**data.get(section, {}), **values} if isinstance(values, dict) else values
     return parse(RunConfig, data)
+
+
+def upstream_dir(rdir: Path, variant: str) -> Path:
+    """The run folder of a replicate's upstream variant ("" is the replicate's own)."""
+    return rdir / variant.replace(" ", "-") / "run" if variant else rdir / "run"
+
+
+def variant_tasks(up_cfg: RunConfig, bench: BenchConfig, rdir: Path, key: tuple, threads: int) -> list[Task]:
+    """One task per upstream variant the methods use: its stages again, on the replicate's others
+    linked in (its own store: the feedback inbox is per store and concept)."""
+    tasks = []
+    for variant in dict.fromkeys(m.upstream for m in METHODS if m.upstream):
+        kept = tuple(s for s in UPSTREAM if s not in REDONE[variant])
+        run = link_stages(upstream_dir(rdir, variant), rdir / "run", kept)
+        tasks.append(Task((variant, *key), 1, _redo_upstream,
+                          (upstream_config(up_cfg, bench, variant), run, REDONE[variant], threads),
+                          (("upstream", *key),)))  # fmt: skip
+    return tasks
 
 
 def method_config(
@@ -252,7 +281,7 @@ def method_config(
     dc = DistillConfig.model_validate({**family.model_dump(), **overrides, "use_token": m.token, "seed": seed})
     if quick:
         dc = dc.model_copy(update={"steps": bench.quick.distill_steps, "checkpoint_every": 0})
-    base = ranking_config(cfg, bench) if m.feedback == "ranking" else cfg
+    base = upstream_config(cfg, bench, m.upstream) if m.upstream else cfg
     return base.model_copy(update={"distill": dc})
 
 
@@ -281,15 +310,15 @@ def _upstream(cfg: RunConfig, run: Path, threads: int) -> dict[str, Any]:
     return run_local(cfg, run, stages=UPSTREAM, show_progress=False)
 
 
-def _feedback_upstream(cfg: RunConfig, run: Path, threads: int) -> dict[str, Any]:
-    """Feedback, reward and token again on a run whose images are linked in (ranking feedback)."""
+def _redo_upstream(cfg: RunConfig, run: Path, stages: tuple[str, ...], threads: int) -> dict[str, Any]:
+    """``stages`` again on a run whose earlier stages are linked in (an upstream variant)."""
     import torch
 
     from hfi_core.steps import run_local_step
 
     torch.set_num_threads(threads)
     out: dict[str, Any] = {}
-    for stage in FEEDBACK_STAGES:
+    for stage in stages:
         t0 = time.time()
         out[stage] = run_local_step(stage, cfg, run, show_progress=False)
         out[f"{stage}_seconds"] = round(time.time() - t0, 1)
@@ -326,7 +355,7 @@ def link_stages(run: Path, source: Path, stages: tuple[str, ...]) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     for stage in stages:
         link = run / stage
-        if not link.exists():
+        if not link.is_symlink() and not link.exists():  # a link made before its target ran stays
             link.symlink_to(os.path.relpath(source / stage, run))
     return run
 
@@ -426,19 +455,14 @@ def run_removal_bench(
         rdir = replicate_dir(out, seed)
         # The HFI methods need the token whatever the run config's own distill section says.
         up_cfg = rcfg.model_copy(update={"distill": rcfg.distill.model_copy(update={"use_token": True})})
-        rank_cfg = ranking_config(up_cfg, bench)
         ecfg = eval_config(rcfg, bench.evaluation_prompts, n_prompt, bench.eval_seed + 100_000 * i)
         tasks.append(Task(("upstream", seed), 0, _upstream, (up_cfg, rdir / "run", threads)))
-        if any(m.feedback == "ranking" for m in METHODS):
-            # Its own store (the feedback inbox is per store and concept), the same images linked in.
-            rank_run = link_stages(rdir / "ranking" / "run", rdir / "run", IMAGES)
-            tasks.append(Task(("ranking", seed), 1, _feedback_upstream,
-                              (rank_cfg, rank_run, threads), (("upstream", seed),)))  # fmt: skip
+        tasks += variant_tasks(up_cfg, bench, rdir, (seed,), threads)
         for m in METHODS:
             mdir = method_dir(rdir, m.name)
             if m.family:
-                source = rdir / "ranking" / "run" if m.feedback == "ranking" else rdir / "run"
-                needs = (("upstream", seed),) + ((("ranking", seed),) if m.feedback == "ranking" else ())
+                source = upstream_dir(rdir, m.upstream)
+                needs = (("upstream", seed),) + (((m.upstream, seed),) if m.upstream else ())
                 mcfg = method_config(rcfg, bench, m, quick, seed)
                 priority = {"sdd": 2, "esd": 3, "uce": 4}[m.family]  # the longest trainings first
                 run = link_stages(mdir, source, UPSTREAM)  # the replicate's upstream, its own training
@@ -454,9 +478,9 @@ def run_removal_bench(
 
     def on_done(task: Task, result: dict[str, Any]) -> None:
         kind, seed, *rest = task.key
-        if kind in ("upstream", "ranking"):
+        if kind == "upstream" or kind in REDONE:
             upstream.setdefault(seed, {})[kind] = result
-            stages = UPSTREAM if kind == "upstream" else FEEDBACK_STAGES
+            stages = UPSTREAM if kind == "upstream" else REDONE[kind]
             skipped = [n for n in stages if result[n].get("skipped")]
             reused.extend(f"seed {seed} {kind} {n}" for n in skipped)
             log(f"seed {seed} {kind}: " + ", ".join(f"{n} {result[f'{n}_seconds']} s" for n in stages)
@@ -577,6 +601,7 @@ def _collect(cfg: RunConfig, bench: BenchConfig, seeds: list[int], images: dict[
                 for f in ("sdd", "esd", "uce")
             },
             "ranking": bench.ranking,
+            "one_token": bench.one_token,
             "generation": cfg.generation.model_dump(mode="json"),
             "token": cfg.invert.token,
         },
@@ -625,7 +650,8 @@ def claims(results: dict[str, Any]) -> list[dict[str, Any]]:
         "holds": max(drops.values()) <= 0.05, "drops": drops,
     })  # fmt: skip
     for text, with_hfi in (("sdd", "hfi+sdd"), ("esd-x", "hfi+esd-x"), ("uce", "hfi+uce"),
-                           ("hfi+sdd", "hfi+sdd (ranking)")):  # fmt: skip
+                           ("hfi+sdd", "hfi+sdd (ranking)"), ("hfi+uce (one token)", "hfi+uce"),
+                           ("uce", "hfi+uce (one token)")):  # fmt: skip
         per_group = {}
         for c in targets:
             a, b = rows[text][c], rows[with_hfi][c]

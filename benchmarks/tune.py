@@ -23,7 +23,6 @@ from typing import Any
 import yaml
 
 from benchmarks.removal import (
-    IMAGES,
     METHODS,
     TRAINING,
     UPSTREAM,
@@ -31,7 +30,6 @@ from benchmarks.removal import (
     Method,
     Task,
     _evaluate,
-    _feedback_upstream,
     _train,
     _upstream,
     eval_config,
@@ -39,9 +37,10 @@ from benchmarks.removal import (
     method_config,
     method_dir,
     per_prompt,
-    ranking_config,
     replicate_config,
     run_tasks,
+    upstream_dir,
+    variant_tasks,
 )
 from hfi_core.config import RunConfig
 
@@ -87,18 +86,15 @@ def run_tuning(cfg: RunConfig, bench: BenchConfig, out: Path, *, jobs: int = 2, 
     vcfg = eval_config(rcfg, cfg.prompts, n_prompt, bench.validation_seed)  # validation prompts and seeds
     trained = [m for m in METHODS if m.family]
     tasks = [Task(("upstream",), 0, _upstream, (up_cfg, out / "run", threads))]
-    tasks.append(Task(("ranking",), 1, _feedback_upstream,
-                      (ranking_config(up_cfg, bench), link_stages(out / "ranking" / "run", out / "run", IMAGES),
-                       threads),
-                      (("upstream",),)))  # fmt: skip
+    tasks += variant_tasks(up_cfg, bench, out, (), threads)
     tasks.append(Task(("evaluate", "sd", 0), 5, _evaluate, (vcfg, Variant("sd"), out / "sd" / "evaluate", threads)))
     # Candidate-major, and each validation as soon as its training is done (priority 1 < 2): the
     # first round of every method is measured within minutes, and a stopped run keeps whole rounds.
     n_cands = max(len(c) for c in tc.candidates.values())
     for i in range(n_cands):
         for m in trained:
-            source = out / "ranking" / "run" if m.feedback == "ranking" else out / "run"
-            needs = (("upstream",),) + ((("ranking",),) if m.feedback == "ranking" else ())
+            source = upstream_dir(out, m.upstream)
+            needs = (("upstream",),) + (((m.upstream,),) if m.upstream else ())
             overrides = tc.candidates[m.family][i]  # type: ignore[index]
             run = link_stages(method_dir(out, m.name) / f"c{i}", source, UPSTREAM)
             tasks.append(Task(("train", m.name, i), 2, _train, (candidate_config(cfg, bench, m, overrides), run,
@@ -112,8 +108,10 @@ def run_tuning(cfg: RunConfig, bench: BenchConfig, out: Path, *, jobs: int = 2, 
         if task.key[0] == "evaluate":
             measured[task.key[1:]] = result
             if task.key[1] != "sd":
-                log(f"validated {task.key[1]} candidate {task.key[2]}: "
-                    + ", ".join(f"{g.split(':')[-1]} {v['oracle_striped']:.2f}" for g, v in result["groups"].items()))
+                log(
+                    f"validated {task.key[1]} candidate {task.key[2]}: "
+                    + ", ".join(f"{g.split(':')[-1]} {v['oracle_striped']:.2f}" for g, v in result["groups"].items())
+                )
 
     run_tasks(tasks, jobs, on_done)
     sd = measured[("sd", 0)]["groups"]

@@ -31,7 +31,7 @@ def quick(tmp_path_factory):
     return out, json.loads((out / "results.json").read_text()), result.stdout
 
 
-TRAINED = ("esd-x", "sdd", "uce", "hfi+esd-x", "hfi+sdd", "hfi+uce", "hfi+sdd (ranking)")
+TRAINED = ("esd-x", "sdd", "uce", "hfi+esd-x", "hfi+sdd", "hfi+uce", "hfi+sdd (ranking)", "hfi+uce (one token)")
 
 
 def test_every_method_has_every_number(quick):
@@ -43,12 +43,12 @@ def test_every_method_has_every_number(quick):
                     "striped[context:circus]", "dotted[dotted]", "plain[plain]", "shape_acc", "color_acc",
                     "became_dotted", "became_plain"):  # fmt: skip
             c = row[key]
-            assert 0.0 <= c["lo"] <= c["mean"] <= c["hi"] <= 1.0 and c["n"] >= 24, (name, key)
+            assert 0.0 <= c["lo"] <= c["mean"] <= c["hi"] <= 1.0 and c["n"] >= 12, (name, key)
         trains = name in TRAINED
         assert (row["train_seconds"] > 0) == trains and (row["peak_memory_mb"] is not None) == trains
     assert results["methods"]["sd"]["drift_non_target"] == 0.0
     assert results["seeds"] == [0] and results["settings"]["eval_seeds"][0] != results["settings"]["validation_seed"]
-    assert min(results["settings"]["images_per_group"].values()) >= 24
+    assert min(results["settings"]["images_per_group"].values()) >= 12
     assert {c["claim"] for c in results["claims"]} >= {"hfi+sdd removes more of the concept than sdd"}
     assert "| hfi+sdd |" in stdout and "## Claims" in stdout  # the table is printed
 
@@ -69,7 +69,7 @@ def test_the_world_draws_the_concept_and_the_trained_methods_change_it(quick):
 def test_grid_plot_and_mlflow_have_a_row_bar_and_child_per_method(quick):
     out, results, _ = quick
     grid = Image.open(out / "grid.png")
-    assert grid.height > 11 * 32 and grid.width > 6 * 3 * 32
+    assert grid.height > len(results["methods"]) * 32 and grid.width > 6 * 3 * 32
     assert Image.open(out / "groups.png").width > 800
     client = MlflowClient(f"sqlite:///{out}/mlflow.db")
     exp = client.get_experiment_by_name("hfi-bench-removal")

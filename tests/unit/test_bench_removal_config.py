@@ -15,10 +15,10 @@ from benchmarks.removal import (
     method_config,
     per_prompt,
     quick_config,
-    ranking_config,
     replicate_config,
     results_table,
     save_group_plot,
+    upstream_config,
 )
 from hfi_core.config import ConfigError
 from hfi_core.evaluation import eval_plan
@@ -74,15 +74,20 @@ def test_every_replicate_reseeds_the_whole_chain_and_evaluates_on_its_own_seeds(
 def test_methods_of_one_family_share_every_hyperparameter_but_the_token():
     bench, cfg = load_bench_config(BENCH)
     by_name = {m.name: m for m in METHODS}
-    for text, hfi in (("sdd", "hfi+sdd"), ("esd-x", "hfi+esd-x"), ("uce", "hfi+uce"), ("sdd", "hfi+sdd (ranking)")):
-        a = method_config(cfg, bench, by_name[text], quick=False).distill
-        b = method_config(cfg, bench, by_name[hfi], quick=False).distill
+    pairs = (("sdd", "hfi+sdd"), ("esd-x", "hfi+esd-x"), ("uce", "hfi+uce"), ("sdd", "hfi+sdd (ranking)"),
+             ("uce", "hfi+uce (one token)"))  # fmt: skip
+    for text, hfi in pairs:  # one family, one starting point; tuning may then move each its own way
+        a = method_config(cfg, bench, by_name[text], quick=False, tuned=False).distill
+        b = method_config(cfg, bench, by_name[hfi], quick=False, tuned=False).distill
         assert a.use_token is False and b.use_token is True
         assert {**a.model_dump(), "use_token": None} == {**b.model_dump(), "use_token": None}
     assert method_config(cfg, bench, by_name["uce"], quick=False).distill.method == "uce"
     assert method_config(cfg, bench, by_name["hfi+sdd (ranking)"], quick=False).feedback.kind == "ranking"
     assert method_config(cfg, bench, by_name["hfi+sdd"], quick=False).feedback.kind == "binary"
-    assert ranking_config(cfg, bench).generation == cfg.generation  # the same images, ranked
+    assert upstream_config(cfg, bench, "ranking").generation == cfg.generation  # the same images, ranked
+    one = method_config(cfg, bench, by_name["hfi+uce (one token)"], quick=False)  # the paper's inversion
+    assert (one.invert.vectors, one.invert.modes, one.feedback.kind) == (1, 1, "binary")
+    assert one.invert.model_dump(exclude={"vectors", "modes"}) == cfg.invert.model_dump(exclude={"vectors", "modes"})
     assert method_config(cfg, bench, by_name["sdd"], quick=True).distill.steps == bench.quick.distill_steps
     assert {ps.images_per_prompt for ps in quick_config(cfg, bench).prompts} == {bench.quick.images_per_prompt}
 
@@ -234,3 +239,28 @@ def test_a_methods_tuned_overrides_apply_to_it_alone():
     by_name = {m.name: m for m in METHODS}
     assert method_config(cfg, bench, by_name["hfi+sdd"], quick=False).distill.lr == 0.0016
     assert method_config(cfg, bench, by_name["sdd"], quick=False).distill.lr == bench.sdd.lr
+
+
+def test_each_upstream_variant_redoes_only_its_own_stages_on_the_replicates_others(tmp_path):
+    from benchmarks.removal import REDONE, UPSTREAM, upstream_dir, variant_tasks
+
+    bench, cfg = load_bench_config(BENCH)
+    rdir = tmp_path / "seed-0"
+    tasks = {t.key[0]: t for t in variant_tasks(cfg, bench, rdir, (0,), 1)}
+    assert set(tasks) == {"ranking", "one token"} and REDONE["one token"] == ("invert",)
+    for variant, task in tasks.items():
+        run = upstream_dir(rdir, variant)
+        assert task.needs == (("upstream", 0),) and task.args[1] == run and task.args[2] == REDONE[variant]
+        linked = sorted(p.name for p in run.iterdir())
+        assert linked == sorted(s for s in UPSTREAM if s not in REDONE[variant])
+        assert all((run / s).resolve() == (rdir / "run" / s).resolve() for s in linked)
+    assert tasks["one token"].args[0].invert.modes == 1 and tasks["ranking"].args[0].feedback.kind == "ranking"
+
+
+def test_linking_again_before_the_upstream_has_run_keeps_the_links(tmp_path):
+    from benchmarks.removal import link_stages
+
+    run = link_stages(tmp_path / "m", tmp_path / "up", ("generate", "invert"))  # targets do not exist yet
+    link_stages(tmp_path / "m", tmp_path / "up", ("generate", "invert"))  # a resumed tune or bench
+    (tmp_path / "up" / "invert").mkdir(parents=True)
+    assert (run / "invert").is_dir() and (run / "generate").is_symlink()
