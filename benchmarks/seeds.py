@@ -108,8 +108,8 @@ def seeds_table(report: dict[str, Any]) -> str:
         "|---|---|" + "---|" * (len(gates) + len(groups)),
     ]
     for r in rows:
-        cells = [f"{r['gates'][g]['value']:.3f} ({r['gates'][g]['limit']})" + ("" if r["gates"][g]["passed"] else " **x**")
-                 for g in gates]  # fmt: skip
+        marks = {g: "" if r["gates"][g]["passed"] else " **x**" for g in gates}
+        cells = [f"{r['gates'][g]['value']:.3f} ({r['gates'][g]['limit']}){marks[g]}" for g in gates]
         cells += [f"{r['groups'][g]['before']:.2f} -> {r['groups'][g]['after']:.2f}" for g in groups]
         lines.append(f"| {r['seed']} | {'passed' if r['passed'] else '**failed**'} | " + " | ".join(cells) + " |")
     lines += ["", f"Wall time: {report['seconds']:.0f} s."]

@@ -257,7 +257,15 @@ def stage_invert(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]
     """Reward-weighted textual inversion over the target groups' images: one token, or one per
     look of the concept that the flagged images show (``invert.modes``)."""
     from hfi_core.images import load_images, read_manifest
-    from hfi_core.inversion import TOKENS_FILE, encode_latents, invert, mode_token, reward_weights, save_token, token_file
+    from hfi_core.inversion import (
+        TOKENS_FILE,
+        encode_latents,
+        invert,
+        mode_token,
+        reward_weights,
+        save_token,
+        token_file,
+    )
     from hfi_core.models import load_sd_pipeline
     from hfi_core.modes import find_modes
     from hfi_core.reward import embed_and_score

@@ -58,8 +58,11 @@ def model_card(card: dict[str, Any]) -> str:
         f"# {card.get('name', 'hfi model')}: concept removed: {card.get('concept', '?')}",
         "",
         f"Base model: `{card.get('base_model', '?')}`. Method: **{card.get('method', '?').upper()}**"
-        + (" with the HFI token(s) " + ", ".join(f"`{t}`" for t in card["tokens"]) + " (one per look people flagged)"
-           if card.get("tokens") else " (text prompts only)")  # fmt: skip
+        + (
+            " with the HFI token(s) " + ", ".join(f"`{t}`" for t in card["tokens"]) + " (one per look people flagged)"
+            if card.get("tokens")
+            else " (text prompts only)"
+        )  # fmt: skip
         + ".",
         "",
         "Concept prompts erased (cycled):",
