@@ -102,18 +102,18 @@ def find_modes(
         explained: share of the unflagged images' variance whose directions are projected out.
         max_points: silhouettes are measured on at most this many flagged images (a seeded sample).
     Raises:
-        ValueError: when fewer flagged images than ``modes`` (or than 2) are given.
+        ValueError: when fewer flagged images than ``modes`` are given (``modes: 0`` then keeps one look).
     """
     flagged = np.asarray(flagged, dtype=bool)
     x = np.asarray(embeddings, dtype=np.float64)
     x = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
     n_flagged = int(flagged.sum())
     labels = np.full(len(x), -1)
-    if modes == 1:
+    if modes == 1 or (modes == 0 and n_flagged < 3):  # choosing needs k + 1 >= 3 images to score a split
         labels[flagged] = 0
         return Modes(labels)
-    if n_flagged < max(modes, 2):
-        raise ValueError(f"invert.modes: {n_flagged} flagged image(s) cannot split into {max(modes, 2)} looks")
+    if n_flagged < modes:
+        raise ValueError(f"invert.modes: {n_flagged} flagged image(s) cannot split into {modes} looks")
     rest, pos = x[~flagged], x[flagged]
     centred = pos - pos.mean(0)  # (P, D)
     dims = 0

@@ -65,6 +65,7 @@ def test_too_few_flagged_images_to_split_is_one_clear_error():
     few[:2] = True
     with pytest.raises(ValueError, match=r"invert.modes: 2 flagged image\(s\) cannot split into 3 looks"):
         find_modes(x, few, modes=3)
+    assert find_modes(x, few, modes=0).count == 1  # too few to choose: one look
 
 
 def test_silhouette_matches_its_definition_on_a_small_case():
