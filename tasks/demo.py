@@ -58,6 +58,7 @@ def main() -> int:
     subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=env, check=True, capture_output=True)
     config = str(ROOT / "configs" / "toyworld-striped.yaml")
     nights = [("night-1", {}), ("night-2", {"generation.images_per_prompt": 13})]
+    seconds: list[float] = []
     for night, params in nights:
         conf = {"config": config, "run_root": str(demo / "runs"), "run_name": night, **params}
         log_path = demo / f"{night}.log"
@@ -72,7 +73,10 @@ def main() -> int:
         if rc != 0 or not (run / "register" / "_SUCCESS").exists():
             print(f"hfi demo: {night} failed (exit {rc}); see {log_path}", file=sys.stderr)
             return 1
-        print(f"\n== {night} ({time.time() - t:.0f} s) ==" + report(run), flush=True)
+        seconds.append(time.time() - t)
+        print(f"\n== {night} ({seconds[-1]:.0f} s) ==" + report(run), flush=True)
+    one, two = seconds
+    print(f"night 1 {one:.0f} s, night 2 {two:.0f} s: night 2 took {two / one:.2f} of night 1's time")
     print(f"done in {time.time() - t0:.0f} s. Browse the nights side by side:")
     print(f"  {BIN / 'mlflow'} ui --backend-store-uri sqlite:///{demo / 'mlflow.db'} --host 127.0.0.1 --port 5000")
     print(f"  then http://127.0.0.1:5000/{_nights_view(env['MLFLOW_TRACKING_URI'])} : one row per night,")
