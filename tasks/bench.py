@@ -4,6 +4,7 @@
     hfi bench removal --quick --out bench-quick  # smoke run: 1 seed, 24 images per group, fewer steps
     hfi bench tune --out tune-out                # each trained method's settings, on validation data
     hfi bench seeds --out seeds-out              # the toy config's promotion gates on seeds 0, 1, 2
+    hfi bench perf --out perf-out                # speed side by side: UCE, generation, SDD loops
 
 MLflow: a parent run for the benchmark and a child per method, at $MLFLOW_TRACKING_URI or, by
 default, a sqlite store in the output folder (``mlflow ui --backend-store-uri sqlite:///OUT/mlflow.db``).
@@ -14,7 +15,6 @@ from __future__ import annotations
 import argparse
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 from tasks.common import add_runtime_args, setup_runtime, threads_for
@@ -53,6 +53,14 @@ def register(top: argparse._SubParsersAction) -> None:
     add_runtime_args(s)
     s.set_defaults(func=_seeds)
 
+    f = g.add_parser("perf", help="speed side by side: closed-form edit, generation vs diffusers, SDD loops")
+    f.add_argument("--out", type=Path, required=True, help="output folder (perf.md, perf.json)")
+    f.add_argument("--quick", action="store_true", help="smoke run: tiny sizes, nothing is measured")
+    f.add_argument("--only", nargs="+", choices=["uce", "generation", "sdd"], help="these sections (default all)")
+    f.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="benchmark settings (benchmarks/removal.yaml)")
+    add_runtime_args(f)
+    f.set_defaults(func=_perf)
+
 
 def _removal(args: argparse.Namespace) -> int:
     setup_runtime(args)
@@ -64,7 +72,7 @@ def _removal(args: argparse.Namespace) -> int:
     uri = args.tracking_uri or f"sqlite:///{args.out.resolve()}/mlflow.db"
     artifacts = None if args.tracking_uri else (args.out.resolve() / "mlartifacts").as_uri()
     tracker = Tracker(uri, args.experiment, artifact_location=artifacts)
-    provenance = {"command": " ".join(["hfi", *sys.argv[1:]]), "commit": _commit(), "machine": _machine()}
+    provenance = {"command": " ".join(["hfi", *args.argv]), "commit": _commit(), "machine": _machine()}
     results = run_removal_bench(cfg, bench, args.out, quick=args.quick, resume=args.resume, jobs=args.jobs,
                                 threads=threads_for(args), tracker=tracker, provenance=provenance)  # fmt: skip
     print((args.out / "results.md").read_text())
@@ -96,10 +104,22 @@ def _seeds(args: argparse.Namespace) -> int:
         raise ValueError(f"--seeds: {args.seeds} repeats a seed; replicates must be independent")
     cfg = load_config(args.config)
     args.out.mkdir(parents=True, exist_ok=True)
-    provenance = {"command": " ".join(["hfi", *sys.argv[1:]]), "commit": _commit(), "machine": _machine()}
+    provenance = {"command": " ".join(["hfi", *args.argv]), "commit": _commit(), "machine": _machine()}
     report = run_seeds(cfg, args.seeds, args.out, jobs=args.jobs, threads=threads_for(args), provenance=provenance)
     print((args.out / "seeds.md").read_text())
     return 0 if report["passed_every_seed"] else 1
+
+
+def _perf(args: argparse.Namespace) -> int:
+    setup_runtime(args)
+    from benchmarks.perf import SECTIONS, run_perf
+    from benchmarks.removal import load_bench_config
+
+    bench, cfg = load_bench_config(args.config)
+    provenance = {"command": " ".join(["hfi", *args.argv]), "commit": _commit(), "machine": _machine()}
+    run_perf(cfg, bench, args.out, quick=args.quick, sections=tuple(args.only or SECTIONS), provenance=provenance)
+    print((args.out / "perf.md").read_text())
+    return 0
 
 
 def _commit() -> str:

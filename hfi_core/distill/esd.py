@@ -15,7 +15,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from tqdm.auto import tqdm
 
@@ -24,9 +23,9 @@ from hfi_core.distill.common import (
     RANK_SEED,
     Rollouts,
     Weights,
-    add_preservation,
     assign,
     autocast,
+    erasure_loss,
     load_checkpoint,
     mean_losses,
     prepare,
@@ -81,8 +80,7 @@ def train_esd(
         with autocast(unet, cfg.mixed_precision):
             cond, x_t, t = rollouts.state(unet, step)  # x_t from the model in training, (B, C, H, W)
             target = esd_target(unet, s.original, x_t, t, cond, s.uncond, cfg.esd_eta)
-            loss = F.mse_loss(unet(x_t, t, cond).sample.float(), target.float())
-            loss = add_preservation(s, unet, loss, x_t, t, step, cfg.preserve_weight)
+            loss = erasure_loss(s, unet, x_t, t, cond, target, step, cfg.preserve_weight)
         s.opt.zero_grad(set_to_none=True)
         loss.backward()
         s.replicas.average([p.grad for p in s.params if p.grad is not None])  # data-parallel: one gradient

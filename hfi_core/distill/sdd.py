@@ -11,7 +11,8 @@ Each step:
 4. AdamW step on the trainable parameters (cross-attention by default), then the EMA update.
 
 Optionally (``distill.preserve_prompts``, not in the paper) an anchor term keeps other prompts'
-predictions at the original model's: ``common.preservation_loss``.
+predictions at the original model's: ``common.preservation_loss``, folded into the step's
+trained forward (``common.erasure_loss``).
 
 The EMA teacher is what is saved and evaluated.
 """
@@ -31,9 +32,9 @@ from hfi_core.distill.common import (
     EMA,
     RANK_SEED,
     Rollouts,
-    add_preservation,
     assign,
     autocast,
+    erasure_loss,
     load_checkpoint,
     mean_losses,
     prepare,
@@ -48,10 +49,13 @@ def sdd_loss(
 
     Zero exactly when the model already ignores the concept prompt at (x_t, t).
     """
-    with torch.no_grad():
-        target = unet(x_t, t, uncond).sample  # (B, C, H, W), no gradient: the target moves with theta
-    pred = unet(x_t, t, cond).sample
-    return F.mse_loss(pred.float(), target.float())
+    return F.mse_loss(unet(x_t, t, cond).sample.float(), sdd_target(unet, x_t, t, uncond).float())
+
+
+@torch.no_grad()
+def sdd_target(unet: UNet2DConditionModel, x_t: torch.Tensor, t: torch.Tensor, uncond: torch.Tensor) -> torch.Tensor:
+    """sg[eps_theta(x_t, t, uncond)], (B, C, H, W): no gradient, so the target moves with theta."""
+    return unet(x_t, t, uncond).sample
 
 
 def train_sdd(
@@ -95,8 +99,8 @@ def train_sdd(
         with autocast(unet, cfg.mixed_precision):
             with ema.applied():  # x_t from the EMA teacher's trajectory, (B, C, H, W)
                 cond, x_t, t = rollouts.state(unet, step)
-            loss = sdd_loss(unet, x_t, t, cond, s.uncond)
-            loss = add_preservation(s, unet, loss, x_t, t, step, cfg.preserve_weight)
+            target = sdd_target(unet, x_t, t, s.uncond)
+            loss = erasure_loss(s, unet, x_t, t, cond, target, step, cfg.preserve_weight)
         s.opt.zero_grad(set_to_none=True)
         loss.backward()
         s.replicas.average([p.grad for p in s.params if p.grad is not None])  # data-parallel: one gradient

@@ -14,6 +14,7 @@ from hfi_core.distill.common import (
     Weights,
     ddim_scheduler,
     encode_prompts,
+    erasure_loss,
     prepare,
     preservation_loss,
     run_trajectory,
@@ -22,8 +23,17 @@ from hfi_core.distill.common import (
     trajectory_states,
 )
 from hfi_core.distill.esd import esd_target, train_esd
-from hfi_core.distill.sdd import sdd_loss, train_sdd
-from hfi_core.inversion import TOKENS_FILE, invert, load_tokens, mode_token, reward_weights, save_token, spell, token_file
+from hfi_core.distill.sdd import sdd_loss, sdd_target, train_sdd
+from hfi_core.inversion import (
+    TOKENS_FILE,
+    invert,
+    load_tokens,
+    mode_token,
+    reward_weights,
+    save_token,
+    spell,
+    token_file,
+)
 from hfi_core.toyworld.models import make_sampling_scheduler, make_text_encoder, make_unet, make_vae
 from hfi_core.toyworld.tokenizer import build_tokenizer
 
@@ -337,16 +347,19 @@ def _full_copy_loop(pipe, cfg, prompts, method):
     rollouts = Rollouts(s, cfg)
     for step in range(cfg.steps):
         cond, x, t = rollouts.state(teacher if method == "sdd" else unet, step)
-        if method == "sdd":
-            loss = sdd_loss(unet, x, t, cond, s.uncond)
-        else:
-            with torch.no_grad():
+        with torch.no_grad():
+            if method == "sdd":
+                target = unet(x, t, s.uncond).sample
+            else:
                 e_u, e_c = original(torch.cat([x, x]), torch.cat([t, t]), torch.cat([s.uncond, cond])).sample.chunk(2)
-            loss = torch.nn.functional.mse_loss(unet(x, t, cond).sample, e_u - cfg.esd_eta * (e_c - e_u))
+                target = e_u - cfg.esd_eta * (e_c - e_u)
         c_p = s.preserve[step % len(s.preserve)].expand(x.shape[0], -1, -1)
         with torch.no_grad():
-            target = original(x, t, c_p).sample
-        loss = loss + cfg.preserve_weight * torch.nn.functional.mse_loss(unet(x, t, c_p).sample, target)
+            anchor = original(x, t, c_p).sample
+        # The concept and the preserve prompt's predictions in one forward, as the loops fold them.
+        pred, pred_p = unet(torch.cat([x, x]), torch.cat([t, t]), torch.cat([cond, c_p])).sample.chunk(2)
+        mse = torch.nn.functional.mse_loss
+        loss = mse(pred, target) + cfg.preserve_weight * mse(pred_p, anchor)
         s.opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(s.params, cfg.grad_clip)
@@ -384,3 +397,24 @@ def test_weights_swap_in_for_a_block_and_back(pipe):
             assert not dict(pipe.unet.named_parameters())[names[0]].detach().equal(other.values[0])  # swapped out
         assert pipe.unet(x, t, c).sample.equal(own) and not swapped.equal(own)
     assert sum(v.numel() for v in other.values) < 0.2 * sum(p.numel() for p in pipe.unet.parameters())
+
+
+def test_folded_erasure_loss_is_the_two_terms(pipe):
+    """The folded forward (concept and preserve prompt in one batch) computes the same loss and
+    gradient as the erasure term plus the preserve term run apart."""
+    cfg = DistillConfig(method="sdd", steps=1, batch_size=2, preserve_prompts=["a red circle"], preserve_weight=0.7)
+    s = prepare(pipe, cfg, ["a blue square"])
+    unet = pipe.unet
+    x, t = torch.randn(s.latent_shape), torch.tensor([400, 400])
+    cond = s.cond_all[0].expand(2, -1, -1)
+    target = sdd_target(unet, x, t, s.uncond)
+    with torch.no_grad():  # move the student away from the original, so the preserve term is not 0
+        for p in s.params:
+            p.add_(0.01 * torch.randn_like(p))
+    folded = erasure_loss(s, unet, x, t, cond, target, 0, cfg.preserve_weight)
+    g_folded = torch.autograd.grad(folded, s.params)
+    apart = torch.nn.functional.mse_loss(unet(x, t, cond).sample, target)
+    apart = apart + cfg.preserve_weight * preservation_loss(unet, s.original, x, t, s.preserve[0].expand(2, -1, -1))
+    g_apart = torch.autograd.grad(apart, s.params)
+    assert folded.item() > 0 and torch.allclose(folded, apart, rtol=1e-5, atol=1e-7)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_folded, g_apart, strict=True))
