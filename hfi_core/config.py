@@ -254,6 +254,14 @@ class InvertConfig(Section):
     step; 0: no cap. Unconstrained, textual inversion can grow v* far beyond any word (6x the mean
     row norm on the toy world), a token that outshouts its prompt and that a removal trained on
     it does not carry over to the words people use."""
+    warm_start: bool = False
+    """Start each look's token from the one an earlier night learned for the same look, and train
+    it ``warm_steps`` steps instead of ``steps``. The same look is the earlier look that more than
+    half of tonight's look's images (by image id: the store's image pool keeps them) belonged to;
+    a look with no such match starts from ``init_word``. Kept per concept and model in the store
+    (``cache/tokens``), so a night pays for a whole inversion only when the feedback changes its looks."""
+    warm_steps: int = Field(100, ge=1)
+    """Optimiser steps of a warm-started token."""
     seed: int = Field(0, ge=0)
     """Seeds batches, noise and timesteps."""
     mixed_precision: Literal["auto", "bf16", "off"] = "auto"

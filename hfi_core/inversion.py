@@ -108,10 +108,16 @@ def invert(
     init_word: str,
     *,
     token: str | None = None,
+    init: torch.Tensor | None = None,
+    steps: int | None = None,
     show_progress: bool = True,
 ) -> tuple[torch.Tensor, list[float]]:
     """Learn v*. ``latents`` (N, C, h, w) of the concept images, ``weights`` (N,) from ``reward_weights``.
 
+    Args:
+        init: the token's starting rows (vectors, D), e.g. an earlier night's v* (a warm start);
+            ``None``: ``init_word``'s embedding.
+        steps: optimiser steps; ``None``: ``cfg.steps``.
     Returns ``(v, losses)``: the learned rows (vectors, D) and the weighted loss per step. The
     pipeline's tokenizer and text encoder keep the new token (``token``, a different placeholder
     than ``cfg.token`` for a look other than the first).
@@ -119,6 +125,13 @@ def invert(
     token = token or cfg.token
     token_ids = add_token(pipe, token, init_word, cfg.vectors)
     te, unet = pipe.text_encoder, pipe.unet
+    if init is not None:
+        rows = te.get_input_embeddings().weight
+        if tuple(init.shape) != (len(token_ids), rows.shape[1]):
+            raise ValueError(f"invert: the starting token is {tuple(init.shape)}, the token needs "
+                             f"({len(token_ids)}, {rows.shape[1]}): did invert.vectors change?")  # fmt: skip
+        with torch.no_grad():
+            rows[token_ids] = init.to(rows)
     unet.requires_grad_(False)
     pipe.vae.requires_grad_(False)
     te.requires_grad_(False)
@@ -141,7 +154,8 @@ def invert(
     te.train()
     if cfg.gradient_checkpointing:
         unet.enable_gradient_checkpointing()  # the gradient reaches v* through the whole UNet
-    for _ in tqdm(range(cfg.steps), desc="invert", disable=not show_progress, dynamic_ncols=True):
+    steps = cfg.steps if steps is None else steps
+    for _ in tqdm(range(steps), desc="invert", disable=not show_progress, dynamic_ncols=True):
         idx = pool[torch.randint(len(pool), (cfg.batch_size,), generator=gen)]
         z = latents[idx]  # (B, C, h, w)
         noise = torch.randn(z.shape, generator=gen).to(z)
@@ -164,6 +178,44 @@ def invert(
     unet.disable_gradient_checkpointing()
     table.requires_grad_(False)
     return table[token_ids].detach().clone(), [float(x) for x in torch.stack(losses).cpu()]  # one sync, at the end
+
+
+def warm_matches(image_ids: list[str], labels: np.ndarray, earlier: dict[str, int]) -> dict[int, int]:
+    """Which earlier look each of tonight's looks continues: ``{look: earlier look}``.
+
+    ``labels`` (N,) is tonight's look of each image (-1: not flagged), ``earlier`` an earlier
+    night's ``{image_id: look}``. Look k continues earlier look j when more than half of k's
+    images were j's; each earlier look continues at most one look (the best-supported first).
+    """
+    counts: dict[tuple[int, int], int] = {}
+    for image_id, k in zip(image_ids, labels, strict=True):
+        if k >= 0 and image_id in earlier:
+            pair = (int(k), earlier[image_id])
+            counts[pair] = counts.get(pair, 0) + 1
+    sizes = {int(k): int((labels == k).sum()) for k in set(labels.tolist()) if k >= 0}
+    matched: dict[int, int] = {}
+    for (k, j), n in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])):
+        if k not in matched and j not in matched.values() and 2 * n > sizes[k]:
+            matched[k] = j
+    return matched
+
+
+def read_tokens(folder: Path) -> list[tuple[str, torch.Tensor]]:
+    """``(token, rows (vectors, D))`` of every token an ``invert`` folder lists, in look order."""
+    import json
+
+    from safetensors.torch import load_file
+
+    out = []
+    for t in json.loads((Path(folder) / TOKENS_FILE).read_text())["tokens"]:
+        if "/" in t["file"] or "\\" in t["file"] or t["file"].startswith("."):
+            raise ValueError(f"{folder / TOKENS_FILE}: token file {t['file']!r} is not a plain file name in the folder")
+        out.append((t["token"], load_file(str(Path(folder) / t["file"]))[t["token"]]))
+    return out
+
+
+LOOKS_FILE = "looks.json"
+"""An ``invert`` folder's ``{image_id: look}`` of the flagged images: what a later night matches its looks by."""
 
 
 def token_file(mode: int) -> str:

@@ -54,6 +54,8 @@ class StageContext:
     """The Label Studio API token, from the step's environment (never from a config)."""
     cache: FolderCache | None = None
     """Evaluations of models no night trains (the base model, inference-time baselines)."""
+    tokens: FolderCache | None = None
+    """The latest night's tokens per concept and model (``invert.warm_start`` continues them)."""
     checkpoint: Callable[[Path], None] | None = None
     """Called with each checkpoint file a long loop writes (stages whose row says ``checkpoints``):
     the step runner keeps it in the run store, where a retried step resumes from it."""
@@ -62,7 +64,8 @@ class StageContext:
     def on(store: Store, cfg: RunConfig, **kw: Any) -> StageContext:
         """The context of a step against ``store``: its image pool, the concept's inbox, the cache."""
         return StageContext(pool=ImagePool(store), inbox=Inbox(store, cfg.concept.name),
-                            cache=FolderCache(store, "evaluate"), **kw)  # fmt: skip
+                            cache=FolderCache(store, "evaluate"), tokens=FolderCache(store, "tokens"),
+                            **kw)  # fmt: skip
 
 
 def stage_generate(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
@@ -258,6 +261,7 @@ def stage_invert(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]
     look of the concept that the flagged images show (``invert.modes``)."""
     from hfi_core.images import load_images, read_manifest
     from hfi_core.inversion import (
+        LOOKS_FILE,
         TOKENS_FILE,
         encode_latents,
         invert,
@@ -265,6 +269,7 @@ def stage_invert(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]
         reward_weights,
         save_token,
         token_file,
+        warm_matches,
     )
     from hfi_core.models import load_sd_pipeline
     from hfi_core.modes import find_modes
@@ -282,19 +287,27 @@ def stage_invert(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]
     pipe = load_sd_pipeline(cfg.model.model_copy(update={"dtype": "float32"}), "ddim")
     latents = encode_latents(pipe, load_images(manifest, run / "generate"))  # (N, C, h, w)
     out = run / "invert"
+    earlier, key = _earlier_tokens(cfg, ctx) if ic.warm_start else (None, "")
+    ids = list(manifest.image_id)
+    match = warm_matches(ids, modes.labels, earlier[1]) if earlier else {}
     t0, listed, losses_all = time.time(), [], []
     for k in range(modes.count):
         w = np.where(modes.labels == k, weights, 0.0)  # this look's images, weighted as before
         token = mode_token(ic.token, k)
+        start = earlier[0][match[k]] if k in match else None  # (earlier token, its rows)
         v, losses = invert(pipe, latents, w / w[w > 0].mean(), ic, ic.init_word, token=token,
+                           init=start[1] if start else None, steps=ic.warm_steps if start else None,
                            show_progress=ctx.show_progress)  # fmt: skip
         save_token(out, token, v, token_file(k))
         groups = manifest.group[modes.labels == k].value_counts()
         listed.append({"token": token, "file": token_file(k), "vectors": ic.vectors, "images": int((w > 0).sum()),
-                       "groups": {g: int(n) for g, n in groups.items()},
-                       "first_loss": losses[0], "last_loss_mean_10": float(np.mean(losses[-10:]))})  # fmt: skip
+                       "groups": {g: int(n) for g, n in groups.items()}, "warm_from": start[0] if start else None,
+                       "steps": len(losses), "first_loss": losses[0],
+                       "last_loss_mean_10": float(np.mean(losses[-10:]))})  # fmt: skip
         losses_all.append(losses)
     (out / TOKENS_FILE).write_text(json.dumps({"tokens": listed}, indent=2))
+    looks = {i: int(k) for i, k in zip(ids, modes.labels, strict=True) if k >= 0}
+    (out / LOOKS_FILE).write_text(json.dumps(looks))
     _token_samples(pipe, cfg, [t["token"] for t in listed], out / "token_samples.png")
     metrics = {
         "token": ic.token,
@@ -309,9 +322,33 @@ def stage_invert(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]
         "first_loss": float(np.mean([ls[0] for ls in losses_all])),
         "last_loss_mean_10": float(np.mean([np.mean(ls[-10:]) for ls in losses_all])),
         "seconds": round(time.time() - t0, 1),
+        "warm_started": sum(t["warm_from"] is not None for t in listed),
     }
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    if ic.warm_start and ctx.tokens is not None:
+        ctx.tokens.put(key, out)  # what the next night continues
     return metrics
+
+
+def _earlier_tokens(cfg: RunConfig, ctx: StageContext) -> tuple[tuple[list[Any], dict[str, int]] | None, str]:
+    """The latest night's tokens for this concept, model and token shape, from the store:
+    ``(([(token, rows)], {image_id: look}) or None, the cache key)``."""
+    import hashlib
+    import tempfile
+
+    from hfi_core.inversion import LOOKS_FILE, read_tokens
+    from hfi_core.models import model_identity
+
+    ic = cfg.invert
+    what = {"concept": cfg.concept.name, "model": model_identity(cfg.model), "token": ic.token,
+            "vectors": ic.vectors, "templates": ic.templates}  # fmt: skip
+    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+    if ctx.tokens is None:
+        return None, key
+    with tempfile.TemporaryDirectory() as tmp:
+        if not ctx.tokens.get(key, Path(tmp)) or not (Path(tmp) / LOOKS_FILE).exists():
+            return None, key
+        return (read_tokens(Path(tmp)), json.loads((Path(tmp) / LOOKS_FILE).read_text())), key
 
 
 def _token_samples(pipe: Any, cfg: RunConfig, tokens: list[str], path: Path, n: int = 8) -> None:

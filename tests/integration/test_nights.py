@@ -264,3 +264,17 @@ def test_register_whose_marker_put_fails_is_retried_into_the_same_version_and_al
         [client.get_experiment_by_name("hfi-retry").experiment_id], "tags.`hfi.stage` = 'register'"
     )
     assert len(child) == 1 and child[0].info.status == "FINISHED"  # the failed attempt's run, reused
+
+
+def test_night_two_continues_night_ones_tokens_for_fewer_steps(nights):
+    root, ic = nights["root"], nights["two"].invert
+    assert ic.warm_start and ic.warm_steps < ic.steps
+    first = json.loads((root / "night-1" / "invert" / "tokens.json").read_text())["tokens"]
+    second = json.loads((root / "night-2" / "invert" / "tokens.json").read_text())["tokens"]
+    assert all(t["warm_from"] is None and t["steps"] == ic.steps for t in first)  # nothing earlier to continue
+    assert nights["night-2"]["invert"]["warm_started"] >= 1
+    for t in second:  # a continued look trains warm_steps steps, from the token it continues
+        assert t["steps"] == (ic.warm_steps if t["warm_from"] else ic.steps)
+        assert t["warm_from"] in {None, *(f["token"] for f in first)}
+    looks = json.loads((root / "night-2" / "invert" / "looks.json").read_text())
+    assert set(looks) <= set(_manifest(root, "night-2").image_id)

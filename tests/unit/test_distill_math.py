@@ -418,3 +418,14 @@ def test_folded_erasure_loss_is_the_two_terms(pipe):
     g_apart = torch.autograd.grad(apart, s.params)
     assert folded.item() > 0 and torch.allclose(folded, apart, rtol=1e-5, atol=1e-7)
     assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_folded, g_apart, strict=True))
+
+
+def test_inversion_starts_from_the_given_token_and_refuses_another_shape(pipe):
+    latents = torch.randn(4, 4, 16, 16)
+    cfg = InvertConfig(token="<warm>", vectors=2, steps=3, batch_size=2, lr=1e-12)
+    start = torch.randn(2, pipe.text_encoder.get_input_embeddings().weight.shape[1])
+    v, losses = invert(pipe, latents, np.ones(4), cfg, "stripe", init=start, steps=1, show_progress=False)
+    assert len(losses) == 1 and torch.allclose(v, start, atol=1e-6)  # one step at lr ~0: still the start
+    with pytest.raises(ValueError, match="invert.vectors"):
+        invert(pipe, latents, np.ones(4), cfg.model_copy(update={"token": "<other>"}), "stripe",
+               init=torch.randn(3, start.shape[1]), show_progress=False)  # fmt: skip

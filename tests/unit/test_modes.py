@@ -75,3 +75,18 @@ def test_silhouette_matches_its_definition_on_a_small_case():
     # point 2: a = 2, b = 9.5 -> 7.5/9.5; point 3: a = 2, b = 11.5 -> 9.5/11.5
     expected = np.mean([10 / 11, 0.9, 7.5 / 9.5, 9.5 / 11.5])
     assert silhouette(x, labels) == pytest.approx(expected)
+
+
+def test_a_look_continues_the_earlier_look_that_most_of_its_images_belonged_to():
+    from hfi_core.inversion import warm_matches
+
+    ids = [f"i{n}" for n in range(10)]
+    # tonight: look 0 = i0..i3, look 1 = i4..i7 (i8, i9 new and i9 unflagged)
+    labels = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, -1])
+    earlier = {"i0": 1, "i1": 1, "i2": 1, "i3": 0, "i4": 0, "i5": 0, "i6": 0, "i7": 1}
+    assert warm_matches(ids, labels, earlier) == {0: 1, 1: 0}  # the looks swapped their numbers
+    # a look only half made of one earlier look's images starts afresh
+    assert warm_matches(ids, labels, {"i0": 1, "i1": 1, "i4": 0, "i5": 0, "i6": 0}) == {1: 0}
+    # two looks that both grew out of one earlier look: only the better-supported one continues it
+    assert warm_matches(ids, labels, {i: 0 for i in ids}) == {1: 0}
+    assert warm_matches(ids, labels, {}) == {}
