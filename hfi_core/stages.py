@@ -331,7 +331,7 @@ def stage_invert(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]
 
 
 def _earlier_tokens(cfg: RunConfig, ctx: StageContext) -> tuple[tuple[list[Any], dict[str, int]] | None, str]:
-    """The latest night's tokens for this concept, model and token shape, from the store:
+    """The latest night's tokens for this concept, model, token shape and image seed, from the store:
     ``(([(token, rows)], {image_id: look}) or None, the cache key)``."""
     import hashlib
     import tempfile
@@ -340,8 +340,10 @@ def _earlier_tokens(cfg: RunConfig, ctx: StageContext) -> tuple[tuple[list[Any],
     from hfi_core.models import model_identity
 
     ic = cfg.invert
+    # The generation seed too: a look is matched by image ids, which only that seed's nights share
+    # (and replicates of a benchmark that share a store then never write one entry at once).
     what = {"concept": cfg.concept.name, "model": model_identity(cfg.model), "token": ic.token,
-            "vectors": ic.vectors, "templates": ic.templates}  # fmt: skip
+            "vectors": ic.vectors, "templates": ic.templates, "images_seed": cfg.generation.seed}  # fmt: skip
     key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
     if ctx.tokens is None:
         return None, key
