@@ -199,8 +199,8 @@ def worse_by(groups: dict[str, float], reference: dict[str, float]) -> dict[str,
     return {g: round((groups[g] - reference[g]) * (1 if g.startswith("target") else -1), 4) for g in reference}
 
 
-def bench_sdd(cfg: RunConfig, bench: BenchConfig, out: Path, *, probe_steps: int, full: bool,
-              checkpoints: int = 4, steps: int | None = None, show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
+def bench_sdd(cfg: RunConfig, bench: BenchConfig, out: Path, *, probe_steps: int, full: bool, checkpoints: int = 4,
+              steps: int | None = None, show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Per-step and per-state seconds of both loops; in full mode, the reference trained to the
     end and the default's checkpoints judged in order until one is no worse than the reference
     on any group by more than ``EQUAL_REMOVAL``: the wall time to that checkpoint is the
