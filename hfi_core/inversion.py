@@ -206,12 +206,15 @@ def read_tokens(folder: Path) -> list[tuple[str, torch.Tensor]]:
 
     from safetensors.torch import load_file
 
-    out = []
-    for t in json.loads((Path(folder) / TOKENS_FILE).read_text())["tokens"]:
-        if "/" in t["file"] or "\\" in t["file"] or t["file"].startswith("."):
-            raise ValueError(f"{folder / TOKENS_FILE}: token file {t['file']!r} is not a plain file name in the folder")
-        out.append((t["token"], load_file(str(Path(folder) / t["file"]))[t["token"]]))
-    return out
+    listed = json.loads((Path(folder) / TOKENS_FILE).read_text())["tokens"]
+    return [(t["token"], load_file(str(_token_path(folder, t["file"])))[t["token"]]) for t in listed]
+
+
+def _token_path(folder: Path, file: str) -> Path:
+    """``folder / file`` for a token file that ``tokens.json`` lists: a plain name in the folder, never a path."""
+    if "/" in file or "\\" in file or file.startswith("."):
+        raise ValueError(f"{Path(folder) / TOKENS_FILE}: token file {file!r} is not a plain file name in the folder")
+    return Path(folder) / file
 
 
 LOOKS_FILE = "looks.json"
@@ -251,9 +254,7 @@ def load_tokens(pipe: StableDiffusionPipeline, folder: Path) -> list[str]:
         files = [token_file(0)]
     tokens = []
     for file in files:
-        if "/" in file or "\\" in file or file.startswith("."):
-            raise ValueError(f"{listed}: token file {file!r} is not a plain file name in the folder")
-        with safe_open(str(folder / file), framework="pt") as f:
+        with safe_open(str(_token_path(folder, file)), framework="pt") as f:
             (token,) = list(f.keys())
         pipe.load_textual_inversion(str(folder), weight_name=file, use_safetensors=True)
         tokens.append(token)
