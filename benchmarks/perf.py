@@ -136,15 +136,18 @@ def bench_generation(cfg: RunConfig, n_images: int, rounds: int) -> dict[str, An
 # ----------------------------------------------------------------------------- SDD
 
 
-def sdd_configs(cfg: RunConfig, bench: BenchConfig, steps: int | None = None) -> dict[str, DistillConfig]:
+def sdd_configs(cfg: RunConfig, bench: BenchConfig, steps: int | None = None,
+                lr: float | None = None) -> dict[str, DistillConfig]:  # fmt: skip
     """The project's default SDD (text concept) and the published loop on the same hyperparameters:
     batch 1, a fresh rollout every step, no anchor term, as many steps as the default has states.
-    ``steps``: the default's steps instead of the benchmark's (a shorter comparison)."""
+    ``steps``: the default's steps instead of the benchmark's (a shorter comparison); ``lr``: the
+    default's learning rate instead of the benchmark's (a batch of 4 averages its gradient, so the
+    same lr moves it less per state than batch 1 does); the reference keeps the benchmark's."""
     dc = method_config(cfg, bench, Method("sdd", family="sdd"), quick=False).distill
     dc = dc.model_copy(update={"checkpoint_every": 0, "steps": steps or dc.steps})
     reference = dc.model_copy(update={"batch_size": 1, "rollout_reuse": 1, "preserve_prompts": [],
                                       "steps": dc.steps * dc.batch_size})  # fmt: skip
-    return {"reference": reference, "default": dc}
+    return {"reference": reference, "default": dc.model_copy(update={"lr": lr or dc.lr})}
 
 
 def _train_sdd(cfg: RunConfig, dc: DistillConfig, show_progress: bool,
@@ -200,14 +203,15 @@ def worse_by(groups: dict[str, float], reference: dict[str, float]) -> dict[str,
 
 
 def bench_sdd(cfg: RunConfig, bench: BenchConfig, out: Path, *, probe_steps: int, full: bool, checkpoints: int = 4,
-              steps: int | None = None, show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
+              steps: int | None = None, lr: float | None = None,
+              show_progress: bool = True) -> dict[str, Any]:  # fmt: skip
     """Per-step and per-state seconds of both loops; in full mode, the reference trained to the
     end and the default's checkpoints judged in order until one is no worse than the reference
     on any group by more than ``EQUAL_REMOVAL``: the wall time to that checkpoint is the
     default's time to equal removal."""
     from hfi_core.distill.common import assign
 
-    configs = sdd_configs(cfg, bench, steps)
+    configs = sdd_configs(cfg, bench, steps, lr)
     fields = ("steps", "batch_size", "rollout_reuse", "lr", "sampler_steps")
     report: dict[str, Any] = {"settings": {k: {f: getattr(v, f) for f in fields} | {"anchor": bool(v.preserve_prompts)}
                                            for k, v in configs.items()}}  # fmt: skip
@@ -243,10 +247,11 @@ def bench_sdd(cfg: RunConfig, bench: BenchConfig, out: Path, *, probe_steps: int
 
 
 def run_perf(cfg: RunConfig, bench: BenchConfig, out: Path, *, quick: bool, sections: tuple[str, ...] = SECTIONS,
-             sdd_steps: int | None = None, provenance: dict[str, str] | None = None,
+             sdd_steps: int | None = None, sdd_lr: float | None = None, provenance: dict[str, str] | None = None,
              log: Any = print) -> dict[str, Any]:  # fmt: skip
     """Every asked section, one after the other (each on all of this process's threads);
-    ``sdd_steps``: the default SDD loop's steps in the comparison (default: the benchmark's)."""
+    ``sdd_steps`` / ``sdd_lr``: the default SDD loop's steps and lr in the comparison (default:
+    the benchmark's)."""
     import torch
 
     out = Path(out)
@@ -261,7 +266,7 @@ def run_perf(cfg: RunConfig, bench: BenchConfig, out: Path, *, quick: bool, sect
         log(f"generation: {json.dumps(report['generation']['images_per_s'])}")
     if "sdd" in sections:
         report["sdd"] = bench_sdd(cfg, bench, out / "sdd", probe_steps=2 if quick else 12, full=not quick,
-                                  steps=sdd_steps)  # fmt: skip
+                                  steps=sdd_steps, lr=sdd_lr)  # fmt: skip
         log(f"sdd: {json.dumps({k: v for k, v in report['sdd'].items() if k != 'settings'})}")
     report["seconds"] = round(time.time() - t0, 1)
     (out / "perf.json").write_text(json.dumps(report, indent=2))

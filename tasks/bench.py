@@ -59,6 +59,8 @@ def register(top: argparse._SubParsersAction) -> None:
     f.add_argument("--only", nargs="+", choices=["uce", "generation", "sdd"], help="these sections (default all)")
     f.add_argument("--sdd-steps", type=int, help="the default SDD loop's steps in the comparison (default: the "
                    "benchmark's; the reference runs as many training states)")  # fmt: skip
+    f.add_argument("--sdd-lr", type=float, help="the default SDD loop's learning rate in the comparison (default: "
+                   "the benchmark's; the reference keeps the benchmark's)")  # fmt: skip
     f.add_argument("--config", type=Path, default=DEFAULT_CONFIG, help="benchmark settings (benchmarks/removal.yaml)")
     add_runtime_args(f)
     f.set_defaults(func=_perf)
@@ -120,7 +122,7 @@ def _perf(args: argparse.Namespace) -> int:
     bench, cfg = load_bench_config(args.config)
     provenance = {"command": " ".join(["hfi", *args.argv]), "commit": _commit(), "machine": _machine()}
     run_perf(cfg, bench, args.out, quick=args.quick, sections=tuple(args.only or SECTIONS), sdd_steps=args.sdd_steps,
-             provenance=provenance)  # fmt: skip
+             sdd_lr=args.sdd_lr, provenance=provenance)  # fmt: skip
     print((args.out / "perf.md").read_text())
     return 0
 

@@ -43,6 +43,8 @@ def test_full_sdd_comparison_judges_checkpoints_in_order_and_counts_a_speedup_on
     bench = bench.model_copy(update={"sdd": sdd, "tuned": {},
                                      "tuning": bench.tuning.model_copy(update={"n_per_group": 3})})  # fmt: skip
     assert sdd_configs(cfg, bench)["reference"].steps == 8 * sdd.batch_size
+    scaled = sdd_configs(cfg, bench, lr=4 * sdd.lr)  # the default's lr alone moves
+    assert (scaled["default"].lr, scaled["reference"].lr) == (4 * sdd.lr, sdd.lr)
     r = bench_sdd(cfg, bench, tmp_path, probe_steps=1, full=True, checkpoints=2, show_progress=False)
     cps = r["default"]["checkpoints"]
     assert [c["step"] for c in cps] == [4, 8][: len(cps)] and cps
