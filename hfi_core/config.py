@@ -343,6 +343,11 @@ class DistillConfig(Section):
     well-posed when few states are erased or preserved)."""
     uce_preserve_scale: float = Field(1.0, ge=0)
     """UCE: weight of the preserve prompts' states against the erased ones."""
+    uce_guide: str = Field("", max_length=200)
+    """UCE: the prompt the concept comes to read as (its guide concept). The empty prompt (default)
+    makes the model draw what it draws unprompted, which may itself be a protected neighbour; a
+    neutral phrase ("a person wearing clothes", "a with a flat fill") names what should be drawn
+    instead."""
 
     @model_validator(mode="after")
     def _checkpoints_on_rollout_boundaries(self) -> DistillConfig:

@@ -12,8 +12,9 @@ the UNet is replaced, in one linear solve, by the W' that
 
 with E (n, D), G (n, D), P (m, D) the stacked text-encoder states. e_i are the states of the
 concept prompts (the text concept, or ``a {token}`` with the HFI token v*: HFI+UCE) at the
-positions that carry the concept; g_i are the empty prompt's states at the same positions (the
-concept comes to read as no prompt at all, which is what SDD distils towards); p_j are every
+positions that carry the concept; g_i are the guide prompt's states at the same positions: by
+default the empty prompt's (the concept comes to read as no prompt at all, which is what SDD
+distils towards), or ``uce_guide``'s, a neutral phrase the concept should read as; p_j are every
 state of the preserve prompts. Which positions carry the concept is exact, not a heuristic: the
 text encoder is causal, so a position's state depends only on the tokens up to it, and a
 position whose token prefix some preserve prompt or the empty prompt shares has the very same
@@ -75,7 +76,8 @@ def train_uce(
     work: object = None,
     **_: object,
 ) -> tuple[UNet2DConditionModel, list[str], list[float]]:
-    """Edit ``pipe.unet`` in place so that ``concept_prompts`` read as the empty prompt.
+    """Edit ``pipe.unet`` in place so that ``concept_prompts`` read as ``cfg.uce_guide`` (default:
+    the empty prompt).
 
     Takes the trainers' arguments (``work``, ``resume``, ``size``...) and ignores them: there is
     nothing to resume in a solve of seconds. Returns ``(unet, edited parameter names, [])``, as
@@ -86,7 +88,7 @@ def train_uce(
     """
     unet = pipe.unet
     erase_ids, erase_h = text_states(pipe, concept_prompts)  # (N, L), (N, L, D)
-    keep_ids, keep_h = text_states(pipe, ["", *cfg.preserve_prompts])  # row 0: the guide
+    keep_ids, keep_h = text_states(pipe, [cfg.uce_guide, "", *cfg.preserve_prompts])  # row 0: the guide
     where = concept_positions(erase_ids, keep_ids)  # (N, L)
     if not where.any():
         raise ValueError(
@@ -94,8 +96,8 @@ def train_uce(
             "nothing is left to erase"
         )
     erase = erase_h[where]  # (n, D)
-    guide = keep_h[0].expand_as(erase_h)[where]  # (n, D): the empty prompt's state at the same position
-    preserve = keep_h[1:].reshape(-1, keep_h.shape[-1])  # (m, D); empty when no preserve prompt
+    guide = keep_h[0].expand_as(erase_h)[where]  # (n, D): the guide's state at the same position
+    preserve = keep_h[2:].reshape(-1, keep_h.shape[-1])  # (m, D); empty when no preserve prompt
     names = []
     for name in edited_layers(unet):
         proj = unet.get_submodule(name)
