@@ -303,6 +303,14 @@ class DistillConfig(Section):
     """Rank of the LoRA when ``trainable: lora``."""
     steps: int = Field(1500, ge=1)
     """Optimiser steps (batch ``batch_size``)."""
+    warm_start: bool = False
+    """Continue from the champion: the trained values of the latest model this store promoted
+    for this concept, base model, method and ``trainable`` (``register`` keeps them), for
+    ``warm_steps`` steps instead of ``steps``. What the preserve term and ESD's frozen copy
+    compare against stays the base model. Without a champion, a night trains from the base.
+    SDD and ESD only, not with ``trainable: lora``."""
+    warm_steps: int = Field(200, ge=1)
+    """Steps of a night that continues from the champion."""
     batch_size: int = Field(1, ge=1)
     """Trajectories per step."""
     lr: float = Field(1e-5, gt=0)
@@ -355,6 +363,11 @@ class DistillConfig(Section):
             raise ValueError(
                 f"checkpoint_every: {self.checkpoint_every} must be a multiple of rollout_reuse "
                 f"({self.rollout_reuse}), or 0 for no checkpoints"
+            )
+        if self.warm_start and (self.method == "uce" or self.trainable == "lora"):
+            raise ValueError(
+                f"warm_start: {self.method} with trainable {self.trainable} cannot continue from a champion "
+                "(UCE solves from the base model in closed form; a LoRA's champion is saved merged); set it to false"
             )
         return self
 

@@ -56,6 +56,9 @@ class StageContext:
     """Evaluations of models no night trains (the base model, inference-time baselines)."""
     tokens: FolderCache | None = None
     """The latest night's tokens per concept and model (``invert.warm_start`` continues them)."""
+    champions: FolderCache | None = None
+    """The latest promoted model's trained values per concept, model and method (``register``
+    keeps them; ``distill.warm_start`` continues from them)."""
     checkpoint: Callable[[Path], None] | None = None
     """Called with each checkpoint file a long loop writes (stages whose row says ``checkpoints``):
     the step runner keeps it in the run store, where a retried step resumes from it."""
@@ -65,7 +68,7 @@ class StageContext:
         """The context of a step against ``store``: its image pool, the concept's inbox, the cache."""
         return StageContext(pool=ImagePool(store), inbox=Inbox(store, cfg.concept.name),
                             cache=FolderCache(store, "evaluate"), tokens=FolderCache(store, "tokens"),
-                            **kw)  # fmt: skip
+                            champions=FolderCache(store, "champions"), **kw)  # fmt: skip
 
 
 def stage_generate(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:
@@ -396,10 +399,14 @@ def stage_distill(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any
     prompts = concept_prompts(cfg, tokens)
     train = {"sdd": train_sdd, "esd": train_esd, "uce": train_uce}[dc.method]
     out = run / "distill"
+    champion = _champion(cfg, ctx) if dc.warm_start else None  # (values, version) or None
+    if champion is not None:
+        dc = dc.model_copy(update={"steps": dc.warm_steps})
     t0 = time.time()
     size = (cfg.generation.height, cfg.generation.width)  # train at the size the model is sampled at
     unet, names, losses = train(pipe, dc, prompts, out, resume=ctx.resume, show_progress=ctx.show_progress,
-                                on_checkpoint=ctx.checkpoint, size=size)  # fmt: skip
+                                on_checkpoint=ctx.checkpoint, size=size,
+                                **({"init": champion[0]} if champion else {}))  # fmt: skip
     seconds = time.time() - t0
     if (replicas := Replicas.current()).rank > 0:  # data-parallel: process 0 holds the same model and saves it
         return {"replica": replicas.rank, "steps_run": len(losses), "seconds": round(seconds, 1)}
@@ -419,13 +426,63 @@ def stage_distill(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any
         "hyperparameters": dc.model_dump(mode="json"),
         "trained_parameters": len(names),
         "trained_values": int(sum(unet.state_dict()[n].numel() for n in names)),
+        "warm_from": champion[1] if champion else None,
     }
     save_distilled(out, unet, names, card)
     _plot_losses(losses, out / "losses.png", dc.method)
     metrics = {"steps_run": len(losses), "final_loss_mean_20": float(np.mean(losses[-20:])) if losses else None,
-               "seconds": round(seconds, 3), "trained_values": card["trained_values"], **peak_memory()}  # fmt: skip
+               "seconds": round(seconds, 3), "trained_values": card["trained_values"],
+               "warm_started": champion is not None, **peak_memory()}  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
     return metrics
+
+
+CHAMPION_FILE = "champion.json"
+
+
+def _champion_key(cfg: RunConfig) -> str:
+    """What a champion's trained values fit: the concept, the base model, the method and which
+    parameters train (a night with other hyperparameters may still continue from them)."""
+    import hashlib
+
+    from hfi_core.models import model_identity
+
+    dc = cfg.distill
+    what = {"concept": cfg.concept.name, "model": model_identity(cfg.model), "method": dc.method,
+            "trainable": dc.trainable, "use_token": dc.use_token}  # fmt: skip
+    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def _champion(cfg: RunConfig, ctx: StageContext) -> tuple[dict[str, Any], Any] | None:
+    """The latest promoted model's trained values for this concept, model and method, from the
+    store: ``(values, its registry version)``, or None when there is none yet."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    from hfi_core.distill.outputs import DELTA
+
+    if ctx.champions is None:
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        if not ctx.champions.get(_champion_key(cfg), Path(tmp)):
+            return None
+        version = json.loads((Path(tmp) / CHAMPION_FILE).read_text()).get("version")
+        return load_file(Path(tmp) / DELTA), version
+
+
+def _keep_champion(cfg: RunConfig, run: Path, ctx: StageContext, version: Any) -> None:
+    """Keep a promoted model's trained values (its delta) where ``distill.warm_start`` finds them."""
+    import tempfile
+
+    from hfi_core.distill.outputs import DELTA
+
+    if ctx.champions is None:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        shutil.copy(run / "distill" / DELTA, Path(tmp) / DELTA)
+        (Path(tmp) / CHAMPION_FILE).write_text(json.dumps({"version": version, "run": run.name}))
+        ctx.champions.put(_champion_key(cfg), Path(tmp))
 
 
 def peak_memory() -> dict[str, Any]:
@@ -536,6 +593,8 @@ def stage_register(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, An
     verdict = challenge(gates, champion[1] if champion else None, champion[0] if champion else None)
     if ctx.tracker is not None and ctx.mlflow_run is not None:
         version = ctx.tracker.register(ctx.mlflow_run, p.model_name, "model", gates, verdict)
+        if verdict.promoted and cfg.distill.method != "uce":  # what the next night's warm start continues
+            _keep_champion(cfg, run, ctx, version)
     else:
         verdict.promoted, verdict.reason = False, f"not tracked: no registry to promote in ({verdict.reason})"
     result = {

@@ -227,6 +227,19 @@ def assign(module: nn.Module, values: dict[str, torch.Tensor]) -> nn.Module:
     return module
 
 
+def start_from(unet: nn.Module, names: list[str], init: dict[str, torch.Tensor], source: str) -> None:
+    """Set the trainable parameters ``names`` to ``init`` (a champion's trained values) after
+    ``prepare``, so that ``Setup.original`` (the preserve term's and ESD's reference) stays the base.
+
+    Raises:
+        ValueError: when ``init`` does not hold exactly the parameters that train, naming ``source``.
+    """
+    if missing := sorted(set(names) - set(init)) or sorted(set(init) - set(names)):
+        raise ValueError(f"{source}: its parameters differ from those that train here, e.g. {missing[0]!r} "
+                         "(another trainable setting or base model?)")  # fmt: skip
+    assign(unet, {n: init[n] for n in names})
+
+
 class EMA(Weights):
     """SDD's teacher: an EMA of the student's trained parameters, ``teacher = decay * teacher +
     (1 - decay) * student`` after every optimiser step. Only parameters that train can change,

@@ -30,6 +30,7 @@ from hfi_core.distill.common import (
     mean_losses,
     prepare,
     save_checkpoint,
+    start_from,
 )
 
 
@@ -59,14 +60,18 @@ def train_esd(
     show_progress: bool = True,
     on_checkpoint: Callable[[Path], None] | None = None,
     size: tuple[int | None, int | None] | None = None,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> tuple[UNet2DConditionModel, list[str], list[float]]:
     """Erase what ``concept_prompts`` name from ``pipe.unet`` by ESD-x.
 
-    Returns ``(unet, trained_names, losses)`` like ``train_sdd`` (whose arguments it takes).
+    Returns ``(unet, trained_names, losses)`` like ``train_sdd`` (whose arguments it takes);
+    ``init`` starts the student there while the frozen copy stays the base.
     """
     unet = pipe.unet
     s = prepare(pipe, cfg, concept_prompts, size)
     names = s.names
+    if init is not None:
+        start_from(unet, names, init, "distill init")
     start, ckpt = 0, Path(work) / "checkpoint"
     if resume and (restored := load_checkpoint(ckpt, s.opt, s.rng, s.gen)) is not None:
         start, params = restored

@@ -39,6 +39,7 @@ from hfi_core.distill.common import (
     mean_losses,
     prepare,
     save_checkpoint,
+    start_from,
 )
 
 
@@ -69,6 +70,7 @@ def train_sdd(
     on_checkpoint: Callable[[Path], None] | None = None,
     size: tuple[int | None, int | None] | None = None,
     student_dir: Path | None = None,
+    init: dict[str, torch.Tensor] | None = None,
 ) -> tuple[UNet2DConditionModel, list[str], list[float]]:
     """Erase what ``concept_prompts`` name from ``pipe.unet``.
 
@@ -77,6 +79,8 @@ def train_sdd(
         on_checkpoint: called with each checkpoint file once it is written whole.
         size: the training states' (height, width) in pixels; ``None``: the model's native size.
         student_dir: also save the student there (the teacher is what is returned).
+        init: the trained parameters' starting values (a champion's), for student and teacher;
+            the preserve term still compares against the base.
     Returns:
         ``(teacher, trained_names, losses)``: ``pipe.unet`` with the EMA teacher's values in
         place, the names of the parameters that trained, and the loss of every step run here.
@@ -84,6 +88,8 @@ def train_sdd(
     unet = pipe.unet
     s = prepare(pipe, cfg, concept_prompts, size)
     names = s.names
+    if init is not None:
+        start_from(unet, names, init, "distill init")
     ema = EMA(unet, names, cfg.ema_decay)  # the trained parameters' EMA; the rest is shared with the student
     start, ckpt = 0, Path(work) / "checkpoint"
     if resume and (restored := load_checkpoint(ckpt, s.opt, s.rng, s.gen)) is not None:

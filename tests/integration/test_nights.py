@@ -264,6 +264,13 @@ def test_register_whose_marker_put_fails_is_retried_into_the_same_version_and_al
         [client.get_experiment_by_name("hfi-retry").experiment_id], "tags.`hfi.stage` = 'register'"
     )
     assert len(child) == 1 and child[0].info.status == "FINISHED"  # the failed attempt's run, reused
+    # The promoted model's trained values are kept where the next night's distill.warm_start finds them.
+    from hfi_core.stages import CHAMPION_FILE, _champion_key
+    from hfi_core.store import FolderCache
+
+    assert FolderCache(store, "champions").get(_champion_key(nights["one"]), tmp_path / "champion")
+    assert json.loads((tmp_path / "champion" / CHAMPION_FILE).read_text()) == {"version": first[0].version,
+                                                                               "run": "night-r"}  # fmt: skip
 
 
 def test_night_two_continues_night_ones_tokens_for_fewer_steps(nights):
@@ -278,3 +285,37 @@ def test_night_two_continues_night_ones_tokens_for_fewer_steps(nights):
         assert t["warm_from"] in {None, *(f["token"] for f in first)}
     looks = json.loads((root / "night-2" / "invert" / "looks.json").read_text())
     assert set(looks) <= set(_manifest(root, "night-2").image_id)
+
+
+def test_a_warm_started_night_continues_the_champion_for_warm_steps(nights):
+    """``distill.warm_start``: a night continues the trained values ``register`` kept for the
+    last promoted model (here night 1's, kept as register keeps them), for ``warm_steps``."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    from hfi_core.distill.outputs import DELTA
+    from hfi_core.models import load_sd_pipeline
+    from hfi_core.stages import StageContext, _keep_champion
+
+    root, two = nights["root"], nights["two"]
+    upstream = [s for s in STAGES if s not in ("distill", "evaluate", "register")]
+    for s in upstream:
+        shutil.copytree(root / "night-2" / s, root / "night-w" / s)
+    # lr 1e-9: three AdamW steps move a value by about 3e-9, so the result is where it started.
+    warm = two.model_copy(update={"distill": two.distill.model_copy(update={"warm_start": True, "warm_steps": 3,
+                                                                             "lr": 1e-9})})  # fmt: skip
+    store = LocalStore(str(root))
+    cold = run_local_step("distill", warm, root / "night-w", show_progress=False)
+    assert cold["warm_started"] is False and cold["steps_run"] == two.distill.steps  # no champion yet: from the base
+    _keep_champion(warm, root / "night-1", StageContext.on(store, warm), version="7")
+    shutil.rmtree(root / "night-w" / "distill")
+    result = run_local_step("distill", warm, root / "night-w", show_progress=False)
+    assert result["warm_started"] is True and result["steps_run"] == 3
+    assert json.loads((root / "night-w" / "distill" / "card.json").read_text())["warm_from"] == "7"
+    champion, got = load_file(root / "night-1" / "distill" / DELTA), load_file(root / "night-w" / "distill" / DELTA)
+    base = dict(load_sd_pipeline(two.model, "ddim").unet.named_parameters())
+    assert set(got) == set(champion)
+    assert all(torch.allclose(got[n], champion[n], atol=1e-6) for n in got)  # started from the champion...
+    assert any(not torch.allclose(champion[n], base[n].detach(), atol=1e-4) for n in got)  # ...which is not the base

@@ -20,6 +20,7 @@ from hfi_core.distill.common import (
     run_trajectory,
     sample_step_index,
     select_trainable,
+    start_from,
     trajectory_states,
 )
 from hfi_core.distill.esd import esd_target, train_esd
@@ -202,6 +203,24 @@ def test_checkpoints_must_fall_on_rollout_boundaries():
     with pytest.raises(ConfigError, match="rollout_reuse: must be >= 1, got 0"):
         DistillConfig(rollout_reuse=0, checkpoint_every=0)
     assert DistillConfig(rollout_reuse=4, checkpoint_every=200).rollout_reuse == 4
+
+
+def test_a_warm_start_moves_the_trained_parameters_and_keeps_the_base_as_the_reference(pipe):
+    cfg = DistillConfig(steps=2, trainable="attn2_kv", sampler_steps=4, checkpoint_every=0)
+    s = prepare(pipe, cfg, ["a red circle in the style of van stripe"])
+    base = [v.clone() for v in s.original.values]
+    champion = {n: p.detach() + 0.5 for n, p in zip(s.names, s.original.params, strict=True)}
+    start_from(pipe.unet, s.names, champion, "champion/delta.safetensors")
+    params = dict(pipe.unet.named_parameters())
+    assert all(torch.equal(params[n], champion[n]) for n in s.names)
+    assert all(torch.equal(v, b) for v, b in zip(s.original.values, base, strict=True))  # still the base
+    extra = {**champion, "down_blocks.0.attn2.to_q.weight": 0}  # another trainable setting's parameter
+    with pytest.raises(ValueError, match=r"champion/delta.safetensors: its parameters differ .*to_q"):
+        start_from(pipe.unet, s.names, extra, "champion/delta.safetensors")
+    with pytest.raises(ConfigError, match="warm_start: uce .* cannot continue from a champion"):
+        DistillConfig(method="uce", warm_start=True)
+    with pytest.raises(ConfigError, match="warm_start: sdd with trainable lora"):
+        DistillConfig(trainable="lora", warm_start=True)
 
 
 def test_esd_target_is_negatively_guided_and_reduces_to_unconditional_at_eta_zero(pipe):
