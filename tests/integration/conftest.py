@@ -79,7 +79,7 @@ def _small_config(path: Path) -> Path:
         group["images_per_prompt"] = 4
     cfg["generation"]["batch_size"] = 8
     cfg["invert"].update(steps=15, batch_size=4, warm_steps=5)
-    cfg["distill"].update(steps=6, sampler_steps=6, checkpoint_every=3)
+    cfg["distill"].update(steps=6, warm_steps=3, sampler_steps=6, checkpoint_every=3)
     cfg["evaluate"].update(n_per_prompt=1, baselines=[])
     cfg["promotion"].update(max_concept_rate=1.0, max_preservation_drop=1.0)  # this tiny run must pass its gates
     path.write_text(yaml.safe_dump(cfg))

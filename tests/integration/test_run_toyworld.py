@@ -22,7 +22,7 @@ def run(tmp_path_factory, world):
         group["prompts"] = group["prompts"][:3]
         group["images_per_prompt"] = 4  # 72 images
     cfg["invert"].update(steps=15, batch_size=4)
-    cfg["distill"].update(steps=6, sampler_steps=6, checkpoint_every=3)
+    cfg["distill"].update(steps=6, warm_steps=3, sampler_steps=6, checkpoint_every=3)
     cfg["evaluate"].update(n_per_prompt=1)
     cfg["model"]["path"] = str(world / "sd")
     cfg["reward"]["clip"] = str(world / "clip")
