@@ -336,7 +336,6 @@ def stage_invert(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]
 def _earlier_tokens(cfg: RunConfig, ctx: StageContext) -> tuple[tuple[list[Any], dict[str, int]] | None, str]:
     """The latest night's tokens for this concept, model, token shape and image seed, from the store:
     ``(([(token, rows)], {image_id: look}) or None, the cache key)``."""
-    import hashlib
     import tempfile
 
     from hfi_core.inversion import LOOKS_FILE, read_tokens
@@ -347,7 +346,7 @@ def _earlier_tokens(cfg: RunConfig, ctx: StageContext) -> tuple[tuple[list[Any],
     # (and replicates of a benchmark that share a store then never write one entry at once).
     what = {"concept": cfg.concept.name, "model": model_identity(cfg.model), "token": ic.token,
             "vectors": ic.vectors, "templates": ic.templates, "images_seed": cfg.generation.seed}  # fmt: skip
-    key = hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+    key = FolderCache.key_of(what)
     if ctx.tokens is None:
         return None, key
     with tempfile.TemporaryDirectory() as tmp:
@@ -443,14 +442,12 @@ CHAMPION_FILE = "champion.json"
 def _champion_key(cfg: RunConfig) -> str:
     """What a champion's trained values fit: the concept, the base model, the method and which
     parameters train (a night with other hyperparameters may still continue from them)."""
-    import hashlib
-
     from hfi_core.models import model_identity
 
     dc = cfg.distill
     what = {"concept": cfg.concept.name, "model": model_identity(cfg.model), "method": dc.method,
             "trainable": dc.trainable, "use_token": dc.use_token}  # fmt: skip
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+    return FolderCache.key_of(what)
 
 
 def _champion(cfg: RunConfig, ctx: StageContext) -> tuple[dict[str, Any], Any] | None:
@@ -571,7 +568,7 @@ def _evaluation_key(cfg: RunConfig, variant: Any) -> str:
         "evaluate": cfg.evaluate.model_dump(mode="json"),
         "concept": cfg.concept.model_dump(mode="json"),
     }
-    return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+    return FolderCache.key_of(what)
 
 
 def stage_register(cfg: RunConfig, run: Path, ctx: StageContext) -> dict[str, Any]:

@@ -273,6 +273,11 @@ class FolderCache:
         self.store = store
         self.prefix = f"cache/{kind}"
 
+    @staticmethod
+    def key_of(what: dict[str, Any]) -> str:
+        """An entry's key: the hash of everything that made it (JSON, keys sorted)."""
+        return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:24]
+
     def get(self, key: str, folder: Path) -> bool:
         """Fill ``folder`` with the entry ``key``; ``False`` when there is none."""
         prefix = f"{self.prefix}/{key}"
